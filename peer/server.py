@@ -1,0 +1,427 @@
+"""The peer daemon: serves a span of blocks over hivemind streaming RPC and announces it in the DHT.
+
+One asyncio event loop runs the libp2p transport, the DHT node, the RPC handlers and the announcer; the
+blocks run on a single compute thread, so requests from different sessions never race on the device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Dict, List, Optional, Tuple
+
+import torch
+from hivemind.p2p import P2PContext
+from hivemind.proto import runtime_pb2
+from hivemind.utils import get_dht_time
+
+from protocols import PROTOCOL_VERSION
+from protocols.codec import TensorError, decode_tensor, encode_tensor
+from protocols.identity import Identity
+from protocols.messages import (
+    MAX_BATCH, MAX_REPLAY_CHUNKS, MAX_SESSION_ID, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, ProtocolError, get_int,
+    get_str, pack, unpack,
+)
+from protocols.model_spec import Checkpoint, resolve_dtype
+from protocols.records import PeerRecord, model_key, parse_records, sign_record
+from protocols.transport import create_dht_node, create_p2p
+
+from peer.backend import SpanBackend, positions_for
+from peer.throughput import measure_throughput
+
+logger = logging.getLogger("peer")
+
+
+class PeerLeaving(RuntimeError):
+    """Sent to a session's client when the peer leaves: the client should move to another peer."""
+
+
+@dataclass
+class PeerOptions:
+    """Settings of one peer daemon (the ``swarm peer`` options)."""
+
+    model: str
+    blocks: Optional[Tuple[int, int]] = None
+    num_blocks: Optional[int] = None
+    initial_peers: List[str] = field(default_factory=list)
+    new_swarm: bool = False
+    host_maddrs: List[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    announce_maddrs: List[str] = field(default_factory=list)
+    device: str = "cpu"
+    dtype: str = "auto"
+    identity_path: Optional[str] = None
+    max_cache_tokens: int = 65536
+    max_chunk_tokens: int = 8192
+    session_timeout: float = 300.0
+    record_ttl: float = 15.0
+    num_threads: Optional[int] = None
+    throughput: Optional[float] = None
+    throttle: float = 1.0
+
+
+class Session:
+    """One client's inference session on this peer: its KV cache and the attention mask seen so far."""
+
+    def __init__(self, session_id: str, start: int, end: int, batch_size: int, max_length: int, cache):
+        self.session_id, self.start, self.end = session_id, start, end
+        self.batch_size, self.max_length = batch_size, max_length
+        self.cache = cache
+        self.length = 0  # tokens (including padding) in the cache
+        self.real = torch.zeros(batch_size, dtype=torch.long)  # real tokens per row
+        self.mask: Optional[torch.Tensor] = None  # [batch, length] once any padding was seen
+        self.reserved = batch_size * max_length * (end - start)
+
+
+class Peer:
+    """A running peer. Use :meth:`start`, then :meth:`serve_forever` or :meth:`shutdown`."""
+
+    def __init__(self, opts: PeerOptions):
+        self.opts = opts
+        self.checkpoint = Checkpoint(opts.model)
+        self.model_uid = self.checkpoint.model_uid
+        self.dtype = resolve_dtype(opts.dtype, self.checkpoint.config)
+        self.identity = Identity.load_or_create(opts.identity_path) if opts.identity_path else Identity.generate()
+        self.peer_id = self.identity.peer_id
+        self.sessions: Dict[str, Session] = {}
+        self.reserved_tokens = 0
+        self.state = "joining"
+        self.backend: Optional[SpanBackend] = None
+        self.start_block = self.end_block = 0
+        self.forward_tps = self.decode_sps = 0.0
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compute")
+        self.leaving = asyncio.Event()
+        self._tasks: List[asyncio.Task] = []
+        self.p2p = self.dht = None
+        self._identity_file: Optional[str] = None
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        """Join the swarm, load the span, measure it, start serving and announce the peer online.
+
+        :raises PortInUseError: if a listen port is taken
+        :raises ValueError: on a bad span
+        """
+        opts = self.opts
+        if not opts.initial_peers and not opts.new_swarm:
+            raise ValueError("give --initial-peers to join a swarm, or --new-swarm to start one")
+        identity_path = opts.identity_path
+        if identity_path is None:
+            import tempfile
+
+            fd, identity_path = tempfile.mkstemp(prefix="swarm-peer-", suffix=".key")
+            os.close(fd)
+            self.identity.save(identity_path)
+            self._identity_file = identity_path
+        self.p2p = await create_p2p(
+            host_maddrs=opts.host_maddrs, announce_maddrs=opts.announce_maddrs, initial_peers=opts.initial_peers,
+            identity_path=identity_path,
+        )
+        if self._identity_file:
+            os.unlink(self._identity_file)
+            self._identity_file = None
+        self.dht = await create_dht_node(self.p2p, opts.initial_peers)
+        self.maddrs = [str(m) for m in await self.p2p.get_visible_maddrs()]
+        self.start_block, self.end_block = await self._choose_span()
+        logger.info("peer %s joining: blocks %d:%d of %s", self.peer_id, self.start_block, self.end_block, self.model_uid)
+        await self.announce()
+
+        loop = asyncio.get_running_loop()
+        self.backend = await loop.run_in_executor(
+            self.pool, lambda: SpanBackend(self.checkpoint, self.start_block, self.end_block, opts.device, self.dtype)
+        )
+        if opts.throughput is not None:
+            self.forward_tps = self.decode_sps = float(opts.throughput)
+        else:
+            self.forward_tps, self.decode_sps = await loop.run_in_executor(
+                self.pool, lambda: measure_throughput(self.backend, self.model_uid)
+            )
+        if opts.throttle > 1:
+            self.forward_tps /= opts.throttle
+            self.decode_sps /= opts.throttle
+        await self.p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, runtime_pb2.ExpertRequest)
+        await self.p2p.add_protobuf_handler(
+            RPC_FORWARD, self.rpc_forward, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+        )
+        await self.p2p.add_protobuf_handler(
+            RPC_INFERENCE, self.rpc_inference, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+        )
+        self.state = "online"
+        await self.announce()
+        self._tasks.append(asyncio.create_task(self._announce_loop()))
+        logger.info(
+            "peer %s online: blocks %d:%d, %.0f tokens/s forward and %.1f decode steps/s per block, listening on %s",
+            self.peer_id, self.start_block, self.end_block, self.forward_tps, self.decode_sps, " ".join(self.maddrs),
+        )
+
+    async def _choose_span(self) -> Tuple[int, int]:
+        total = self.checkpoint.num_blocks
+        if self.opts.blocks is not None:
+            start, end = self.opts.blocks
+            if not 0 <= start < end <= total:
+                raise ValueError(f"--blocks {start}:{end} is outside the model's {total} blocks (0:{total})")
+            return start, end
+        n = min(self.opts.num_blocks or total, total)
+        from partitioner.placement import choose_span
+
+        records = await self.fetch_records()
+        spans = [(r.start, r.end, r.decode_sps) for r in records if r.state != "offline" and r.peer_id != str(self.peer_id)]
+        start = choose_span(total, n, spans)
+        return start, start + n
+
+    async def fetch_records(self) -> List[PeerRecord]:
+        found = await self.dht.get(model_key(self.model_uid), latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return []
+        return parse_records(found.value)
+
+    def record(self) -> PeerRecord:
+        backend = self.backend
+        block_bytes = backend.parameter_bytes() // max(backend.num_blocks, 1) if backend else 0
+        per_token = backend.cache_bytes_per_token() if backend else 0
+        return PeerRecord(
+            peer_id=self.peer_id.to_base58(), model=self.model_uid, start=self.start_block, end=self.end_block,
+            state=self.state, device=self.opts.device.split(":")[0], device_name=_device_name(self.opts.device),
+            dtype=str(self.dtype).replace("torch.", ""), forward_tps=self.forward_tps, decode_sps=self.decode_sps,
+            free_cache_tokens=max(self.opts.max_cache_tokens - self.reserved_tokens, 0) // max(self.end_block - self.start_block, 1),
+            max_cache_tokens=self.opts.max_cache_tokens // max(self.end_block - self.start_block, 1),
+            block_memory_bytes=block_bytes, cache_memory_bytes=per_token * self.opts.max_cache_tokens,
+            addrs=self.maddrs, version=PROTOCOL_VERSION, timestamp=time.time(),
+        )
+
+    async def announce(self) -> bool:
+        value = sign_record(self.record(), self.identity)
+        return await self.dht.store(
+            model_key(self.model_uid), value, get_dht_time() + self.opts.record_ttl, subkey=self.peer_id.to_base58()
+        )
+
+    async def _announce_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.opts.record_ttl / 3)
+            try:
+                if not await self.announce():
+                    logger.warning("could not store this peer's DHT record; retrying in %.0fs", self.opts.record_ttl / 3)
+            except Exception as e:
+                logger.warning("announce failed: %s", e)
+
+    async def shutdown(self) -> None:
+        """Announce offline, end every session with a 'moved' error, and stop the transport."""
+        logger.info("peer %s leaving: announcing offline and closing %d sessions", self.peer_id, len(self.sessions))
+        self.state = "offline"
+        self.leaving.set()
+        for t in self._tasks:
+            t.cancel()
+        if self.dht is not None:
+            try:
+                await asyncio.wait_for(self.announce(), timeout=5)
+            except Exception as e:
+                logger.warning("could not announce offline: %s", e)
+            await asyncio.sleep(0.2)  # let handlers send their errors
+            await self.dht.shutdown()
+        if self.p2p is not None:
+            await self.p2p.shutdown()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        logger.info("peer %s stopped", self.peer_id)
+
+    # ---------------------------------------------------------------- RPC handlers
+    async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        r = self.record()
+        return runtime_pb2.ExpertResponse(metadata=pack(r.to_dict()))
+
+    def _check_range(self, meta) -> Tuple[int, int]:
+        start = get_int(meta, "start", self.start_block, self.end_block - 1)
+        end = get_int(meta, "end", start + 1, self.end_block)
+        return start, end
+
+    def _decode_hidden(self, request, batch_size: Optional[int] = None):
+        if not 1 <= len(request.tensors) <= 2:
+            raise ProtocolError("expected [hidden_states] or [hidden_states, attention_mask]")
+        limit = self.opts.max_chunk_tokens * self.backend.hidden_size * (batch_size or MAX_BATCH)
+        hidden = decode_tensor(request.tensors[0], max_numel=limit, ndim=3, dtypes=["float32", "float16", "bfloat16"])
+        b, q, h = hidden.shape
+        if h != self.backend.hidden_size or q < 1 or b < 1 or (batch_size is not None and b != batch_size):
+            raise ProtocolError(
+                f"hidden states of shape {list(hidden.shape)} do not fit: expected [{batch_size or 'batch'}, "
+                f"tokens >= 1, {self.backend.hidden_size}]"
+            )
+        if q > self.opts.max_chunk_tokens:
+            raise ProtocolError(f"{q} tokens in one message is over this peer's limit of {self.opts.max_chunk_tokens}")
+        mask = None
+        if len(request.tensors) == 2:
+            mask = decode_tensor(request.tensors[1], max_numel=b * q, ndim=2)
+            if list(mask.shape) != [b, q]:
+                raise ProtocolError(f"attention mask of shape {list(mask.shape)} does not match hidden states [{b}, {q}]")
+            mask = mask.to(torch.long)
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise ProtocolError("attention mask must hold only 0 and 1")
+        return hidden, mask
+
+    async def rpc_forward(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
+        async for request in requests:
+            meta = unpack(request.metadata)
+            start, end = self._check_range(meta)
+            hidden, mask = self._decode_hidden(request)
+            if mask is None:
+                mask = torch.ones(hidden.shape[:2], dtype=torch.long)
+            full = None if bool(mask.all()) else mask
+            pos = positions_for(mask, torch.zeros(hidden.shape[0], dtype=torch.long))
+            out = await asyncio.get_running_loop().run_in_executor(
+                self.pool, self._timed, lambda: self.backend.forward(hidden, start=start, end=end, position_ids=pos, attention_mask=full)
+            )
+            yield runtime_pb2.ExpertResponse(tensors=[encode_tensor(out)])
+
+    def _timed(self, fn):
+        if self.opts.throttle <= 1:
+            return fn()
+        t0 = time.perf_counter()
+        out = fn()
+        time.sleep((time.perf_counter() - t0) * (self.opts.throttle - 1))
+        return out
+
+    def _open_session(self, meta) -> Session:
+        session_id = get_str(meta, "session_id", MAX_SESSION_ID)
+        if session_id in self.sessions:
+            raise ProtocolError(f"session {session_id} is already open on this peer")
+        start, end = self._check_range(meta)
+        batch_size = get_int(meta, "batch_size", 1, MAX_BATCH)
+        limit = int(getattr(self.checkpoint.config, "max_position_embeddings", 1 << 20))
+        max_length = get_int(meta, "max_length", 1, 1 << 24)
+        if max_length > limit:
+            raise ProtocolError(f"max_length {max_length} is over the model's limit of {limit} tokens")
+        need = batch_size * max_length * (end - start)
+        free = self.opts.max_cache_tokens * (self.end_block - self.start_block) - self.reserved_tokens
+        if need > free:
+            raise ProtocolError(
+                f"not enough KV cache: the session needs {batch_size * max_length} tokens per block "
+                f"(batch {batch_size} x max_length {max_length}) and this peer has "
+                f"{max(free, 0) // max(end - start, 1)} free"
+            )
+        session = Session(session_id, start, end, batch_size, max_length, self.backend.new_cache())
+        self.sessions[session_id] = session
+        self.reserved_tokens += session.reserved
+        logger.info("session %s opened: blocks %d:%d, batch %d, max_length %d", session_id[:8], start, end, batch_size, max_length)
+        return session
+
+    def _close_session(self, session: Session) -> None:
+        if self.sessions.pop(session.session_id, None) is not None:
+            self.reserved_tokens -= session.reserved
+            session.cache = None
+            logger.info("session %s closed after %d tokens", session.session_id[:8], session.length)
+
+    def _run_step(self, session: Session, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        b, q, _ = hidden.shape
+        if mask is None:
+            mask = torch.ones(b, q, dtype=torch.long)
+        if session.mask is None and not bool(mask.all()):
+            session.mask = torch.ones(b, session.length, dtype=torch.long)
+        if session.mask is not None:
+            session.mask = torch.cat([session.mask, mask], dim=1)
+        pos = positions_for(mask, session.real)
+        session.real += mask.sum(-1)
+        out = self.backend.forward(
+            hidden, start=session.start, end=session.end, position_ids=pos, attention_mask=session.mask,
+            cache=session.cache,
+        )
+        session.length += q
+        return out
+
+    def _run_steps(self, session: Session, hidden: torch.Tensor, mask: Optional[torch.Tensor], chunks: List[int]):
+        outs, offset = [], 0
+        for n in chunks:
+            part_mask = None if mask is None else mask[:, offset : offset + n]
+            outs.append(self._run_step(session, hidden[:, offset : offset + n], part_mask))
+            offset += n
+        return torch.cat(outs, dim=1)
+
+    async def _next_request(self, requests: AsyncIterator, timeout: float):
+        next_task = asyncio.ensure_future(requests.__anext__())
+        leaving_task = asyncio.ensure_future(self.leaving.wait())
+        try:
+            done, _ = await asyncio.wait({next_task, leaving_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            leaving_task.cancel()
+        if next_task in done:
+            try:
+                return next_task.result()
+            except StopAsyncIteration:
+                return None
+        next_task.cancel()
+        if self.leaving.is_set():
+            raise PeerLeaving(f"peer {self.peer_id} is leaving the swarm; moved: continue on another peer")
+        raise TimeoutError(f"session closed after {timeout:.0f}s without a request")
+
+    async def rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
+        if self.leaving.is_set():
+            raise PeerLeaving(f"peer {self.peer_id} is leaving the swarm; moved: continue on another peer")
+        request = await self._next_request(requests, self.opts.session_timeout)
+        if request is None:
+            return
+        meta = unpack(request.metadata)
+        session = self._open_session(meta)
+        loop = asyncio.get_running_loop()
+        try:
+            while request is not None:
+                if len(request.tensors) > 0:
+                    hidden, mask = self._decode_hidden(request, session.batch_size)
+                    q = hidden.shape[1]
+                    if session.length + q > session.max_length:
+                        raise ProtocolError(
+                            f"session {session.session_id[:8]} would hold {session.length + q} tokens, more than "
+                            f"its max_length of {session.max_length} tokens declared when it was opened"
+                        )
+                    chunks = meta.get("replay")
+                    if chunks is not None:
+                        if (not isinstance(chunks, list) or len(chunks) > MAX_REPLAY_CHUNKS
+                                or not all(isinstance(n, int) and n > 0 for n in chunks) or sum(chunks) != q):
+                            raise ProtocolError("replay must list positive chunk lengths that add up to the tokens sent")
+                    else:
+                        chunks = [q]
+                    out = await loop.run_in_executor(
+                        self.pool, self._timed, lambda: self._run_steps(session, hidden, mask, chunks)
+                    )
+                    yield runtime_pb2.ExpertResponse(
+                        tensors=[encode_tensor(out)], metadata=pack({"step": meta.get("step", 0), "length": session.length})
+                    )
+                request = await self._next_request(requests, self.opts.session_timeout)
+                if request is not None:
+                    meta = unpack(request.metadata)
+        finally:
+            self._close_session(session)
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+async def _serve(opts: PeerOptions) -> int:
+    peer = Peer(opts)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await peer.start()
+        print(f"PEER_READY {peer.peer_id} {peer.start_block}:{peer.end_block}", flush=True)
+        await stop.wait()
+    finally:
+        await peer.shutdown()
+    return 0
+
+
+def run_peer(opts: PeerOptions) -> int:
+    """Run a peer until SIGTERM/SIGINT. Returns the process exit code."""
+    from protocols.transport import start_reaper
+
+    if opts.num_threads:
+        torch.set_num_threads(opts.num_threads)
+    start_reaper()  # kills p2pd if this process is SIGKILLed; exits by itself after this process
+    return asyncio.run(_serve(opts))

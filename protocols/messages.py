@@ -1,0 +1,76 @@
+"""RPC names, message metadata schemas and their limits.
+
+Every RPC carries hivemind's protobuf ``ExpertRequest``/``ExpertResponse``: ``tensors`` (see
+:mod:`protocols.codec`) plus ``metadata``, a msgpack map validated here. A message that fails validation is
+answered with an error naming what is wrong, and nothing is changed on the peer.
+
+Inference (``RPC_INFERENCE``, a bidirectional stream, one per session and peer):
+
+- first request: ``{"session_id": str, "start": int, "end": int, "max_length": int, "batch_size": int}``
+  and optionally the first step's tensors;
+- each step request: tensors ``[hidden_states [batch, new_tokens, hidden]]`` plus, when the batch has padding,
+  ``[attention_mask [batch, new_tokens]]`` (1 = real token, 0 = padding); metadata ``{"step": int}``;
+- a replay request (``{"replay": [n_1, n_2, ...]}``) carries the concatenation of earlier steps' hidden states
+  and masks, which the peer processes as separate steps of ``n_i`` tokens to rebuild a lost KV cache exactly;
+- each response: tensors ``[hidden_states [batch, new_tokens, hidden]]``, metadata ``{"step": int}``.
+
+Forward (``RPC_FORWARD``): one request ``{"start", "end"}`` with ``[hidden_states, (attention_mask)]``; one
+response with the output hidden states. No cache is kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import msgpack
+
+RPC_INFO = "swarm.info"
+RPC_FORWARD = "swarm.forward"
+RPC_INFERENCE = "swarm.inference"
+
+MAX_METADATA_BYTES = 64 * 1024
+MAX_SESSION_ID = 64
+MAX_BATCH = 1024
+MAX_REPLAY_CHUNKS = 100_000
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the schema."""
+
+
+def pack(metadata: Dict[str, Any]) -> bytes:
+    return msgpack.packb(metadata, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Dict[str, Any]:
+    """:raises ProtocolError: if ``data`` is not a msgpack map within the size limit."""
+    if not data:
+        return {}
+    if len(data) > MAX_METADATA_BYTES:
+        raise ProtocolError(f"metadata of {len(data)} bytes is over the {MAX_METADATA_BYTES}-byte limit")
+    try:
+        value = msgpack.unpackb(data, raw=False)
+    except Exception as e:
+        raise ProtocolError(f"malformed metadata: {e}") from e
+    if not isinstance(value, dict):
+        raise ProtocolError("metadata must be a map")
+    return value
+
+
+def get_int(meta: Dict[str, Any], key: str, lo: int, hi: int, default: Any = ...) -> int:
+    """:raises ProtocolError: if the field is missing (and has no default) or not an int in ``[lo, hi]``."""
+    if key not in meta:
+        if default is ...:
+            raise ProtocolError(f"missing field {key!r}")
+        return default
+    value = meta[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ProtocolError(f"field {key!r} must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def get_str(meta: Dict[str, Any], key: str, max_len: int) -> str:
+    value = meta.get(key)
+    if not isinstance(value, str) or not 0 < len(value) <= max_len:
+        raise ProtocolError(f"field {key!r} must be a non-empty string of at most {max_len} characters")
+    return value

@@ -1,0 +1,173 @@
+"""Bringing up the network engine: a libp2p daemon (hivemind ``P2P``) and a Kademlia DHT node on it.
+
+Both run in the caller's asyncio event loop; the only child process is hivemind's libp2p daemon (p2pd).
+:func:`start_reaper` starts a watchdog that kills such children if their parent is SIGKILLed, since a
+killed parent cannot clean up after itself (hivemind leaves p2pd running in that case).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from typing import Optional, Sequence
+
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
+from hivemind.p2p.p2p_daemon_bindings.control import P2PDaemonError
+
+logger = logging.getLogger(__name__)
+
+# Never ask a gateway for port mappings, never use relays or the public IPFS DHT: a swarm reaches its peers
+# directly. (hivemind's defaults would contact the local network's gateway.)
+LOCAL_ONLY = dict(nat_port_map=False, auto_nat=False, use_relay=False, use_auto_relay=False, use_ipfs=False)
+
+
+class PortInUseError(OSError):
+    """The requested listen address is already taken by another process."""
+
+
+def _port_of(maddr: str) -> Optional[int]:
+    parts = str(maddr).split("/")
+    for proto in ("tcp", "udp"):
+        if proto in parts:
+            try:
+                return int(parts[parts.index(proto) + 1])
+            except (ValueError, IndexError):
+                return None
+    return None
+
+
+def check_ports_free(host_maddrs: Sequence[str]) -> None:
+    """Bind-test every fixed TCP port in ``host_maddrs``.
+
+    :raises PortInUseError: naming the first port that is already in use
+    """
+    import socket
+
+    for maddr in host_maddrs:
+        parts = str(maddr).split("/")
+        port = _port_of(maddr)
+        if not port or "tcp" not in parts:
+            continue
+        family = socket.AF_INET6 if "ip6" in parts else socket.AF_INET
+        host = parts[2] if len(parts) > 2 and parts[1] in ("ip4", "ip6") else "0.0.0.0"
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                raise PortInUseError(f"port {port} is already in use ({maddr}): {e.strerror}") from e
+
+
+async def create_p2p(
+    *,
+    host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+    announce_maddrs: Optional[Sequence[str]] = None,
+    initial_peers: Sequence[str] = (),
+    identity_path: Optional[str] = None,
+    client_mode: bool = False,
+) -> P2P:
+    """Start a libp2p daemon.
+
+    :param host_maddrs: multiaddrs to listen on (``/ip4/0.0.0.0/tcp/31337`` to accept outside connections)
+    :param identity_path: an Ed25519 key in libp2p format (see :mod:`protocols.identity`); fixes the peer id
+    :param client_mode: a client does not listen, it only dials
+    :raises PortInUseError: if a fixed port in ``host_maddrs`` is taken
+    """
+    if not client_mode:
+        check_ports_free(host_maddrs)
+    try:
+        return await P2P.create(
+            initial_peers=list(initial_peers),
+            host_maddrs=list(host_maddrs) if not client_mode else [],
+            announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
+            identity_path=identity_path,
+            check_if_identity_free=False,
+            dht_mode="client" if client_mode else "server",
+            no_listen=client_mode,
+            **LOCAL_ONLY,
+        )
+    except P2PDaemonError as e:
+        text = str(e)
+        if "address already in use" in text.lower():
+            ports = ", ".join(str(_port_of(m)) for m in host_maddrs)
+            raise PortInUseError(f"port {ports} is already in use: {text}") from e
+        raise
+
+
+async def create_dht_node(p2p: P2P, initial_peers: Sequence[str] = (), client_mode: bool = False) -> DHTNode:
+    """A Kademlia DHT node on ``p2p``'s transport, joined to the swarm through ``initial_peers``.
+
+    :raises RuntimeError: if ``initial_peers`` are given but none of them answers
+    """
+    node = await DHTNode.create(
+        p2p=p2p,
+        initial_peers=list(initial_peers),
+        client_mode=client_mode,
+        num_workers=4,
+        ensure_bootstrap_success=bool(initial_peers),
+        wait_timeout=3,
+    )
+    return node
+
+
+_REAPER_CODE = r"""
+import os, sys, time, psutil
+parent = int(sys.argv[1]); seen = {}
+me = os.getpid()
+while True:
+    try:
+        p = psutil.Process(parent)
+        if p.status() == psutil.STATUS_ZOMBIE:
+            raise psutil.NoSuchProcess(parent)
+        for c in p.children(recursive=True):
+            if c.pid != me:
+                try: seen[c.pid] = c.create_time()
+                except psutil.Error: pass
+    except psutil.NoSuchProcess:
+        break
+    if os.getppid() != parent:
+        break
+    time.sleep(0.5)
+for pid, created in seen.items():
+    try:
+        c = psutil.Process(pid)
+        if c.create_time() == created:
+            c.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+def start_reaper() -> subprocess.Popen:
+    """Start a watchdog process that SIGKILLs this process's descendants once this process is gone.
+
+    It polls twice a second, so children are cleaned up within about a second after a SIGKILL.
+    """
+    return subprocess.Popen(
+        [sys.executable, "-c", _REAPER_CODE, str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        close_fds=True,
+    )
+
+
+async def ensure_connected(p2p: P2P, peer_id, addrs: Sequence[str]) -> None:
+    """Tell the libp2p daemon where ``peer_id`` listens (from its DHT record) and connect to it.
+
+    :raises ConnectionError: if the peer cannot be reached at any of ``addrs``
+    """
+    from hivemind.utils.multiaddr import Multiaddr
+
+    maddrs = []
+    for a in addrs:
+        try:
+            maddrs.append(Multiaddr(a.split("/p2p/")[0]))
+        except Exception:
+            continue
+    try:
+        await p2p._client.connect(peer_id, maddrs)
+    except Exception as e:
+        raise ConnectionError(f"cannot connect to peer {peer_id}: {e}") from e

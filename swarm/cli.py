@@ -1,0 +1,230 @@
+"""The ``swarm`` command line: ``swarm dht``, ``swarm peer``, ``swarm generate``, ``swarm sim up``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import List, Optional
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("hivemind", "asyncio", "filelock", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def resolve_model(model: Optional[str]) -> str:
+    """``None`` means the embedded default model (built on first use)."""
+    if model:
+        return model
+    from swarm.default_model import default_model_path
+
+    return default_model_path()
+
+
+def _blocks(text: str):
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError("--blocks takes START:END, e.g. 0:4")
+    return start, end
+
+
+# ------------------------------------------------------------------------------------------------ dht
+def cmd_dht(args) -> int:
+    from protocols.transport import PortInUseError, create_dht_node, create_p2p, start_reaper
+
+    start_reaper()
+
+    async def main():
+        try:
+            p2p = await create_p2p(host_maddrs=args.host_maddrs, identity_path=args.identity)
+        except PortInUseError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        node = await create_dht_node(p2p, args.initial_peers)
+        maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
+        print("Bootstrap node running. Pass these to other peers and clients as --initial-peers:", flush=True)
+        for m in maddrs:
+            print(f"  {m}", flush=True)
+        print("DHT_READY " + " ".join(maddrs), flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await node.shutdown()
+        await p2p.shutdown()
+        return 0
+
+    return asyncio.run(main())
+
+
+# ------------------------------------------------------------------------------------------------ peer
+def cmd_peer(args) -> int:
+    from peer.server import PeerOptions, run_peer
+    from protocols.model_spec import ModelSpecError
+    from protocols.transport import PortInUseError
+
+    try:
+        opts = PeerOptions(
+            model=resolve_model(args.model), blocks=args.blocks, num_blocks=args.num_blocks,
+            initial_peers=args.initial_peers, new_swarm=args.new_swarm, host_maddrs=args.host_maddrs,
+            announce_maddrs=args.announce_maddrs, device=args.device, dtype=args.dtype, identity_path=args.identity,
+            max_cache_tokens=args.max_cache_tokens, session_timeout=args.session_timeout,
+            num_threads=args.num_threads, throughput=args.throughput, throttle=args.throttle,
+            record_ttl=args.record_ttl,
+        )
+        return run_peer(opts)
+    except (PortInUseError, ModelSpecError, ValueError) as e:
+        logging.getLogger("peer").error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+# ------------------------------------------------------------------------------------------------ generate
+def cmd_generate(args) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from swarm.client import DistributedModelForCausalLM
+
+    model_path = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    prompts = args.prompt
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    gen = None
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+        gen = torch.Generator().manual_seed(args.seed)
+    do_sample = not args.greedy and (args.temperature is not None or args.top_k is not None or args.top_p is not None)
+    model = DistributedModelForCausalLM.from_pretrained(model_path, initial_peers=args.initial_peers)
+    streamer = None
+    if not args.json and len(prompts) == 1:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+    try:
+        t0 = time.perf_counter()
+        out = model.generate(
+            enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=args.max_new_tokens,
+            do_sample=do_sample, temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty, streamer=streamer, generator=gen,
+        )
+        elapsed = time.perf_counter() - t0
+    finally:
+        model.shutdown()
+    prompt_len = enc["input_ids"].shape[1]
+    new = out[:, prompt_len:]
+    if args.json:
+        items = []
+        for i, p in enumerate(prompts):
+            ids = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
+            items.append({
+                "prompt": p, "prompt_ids": ids, "new_ids": new[i].tolist(),
+                "text": tokenizer.decode(new[i], skip_special_tokens=True),
+            })
+        result = items[0] if len(items) == 1 else {"results": items}
+        result.update({"seconds": round(elapsed, 4), "tokens_per_s": round(new.numel() / elapsed, 2)})
+        print(json.dumps(result))
+    elif streamer is None:
+        for i in range(len(prompts)):
+            print(tokenizer.decode(out[i], skip_special_tokens=True))
+    else:
+        print(f"\n[{new.numel()} tokens in {elapsed:.2f}s, {new.numel() / elapsed:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ sim
+def cmd_sim(args) -> int:
+    from sims.local_swarm import run_sim_up
+
+    return run_sim_up(
+        model=resolve_model(args.model), num_peers=args.peers, blocks_per_peer=args.blocks_per_peer,
+        host=args.host, extra_peer_args=args.peer_args or [],
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swarm", description="Run and use a peer-to-peer swarm serving an LLM.")
+    parser.add_argument("--log-level", default=os.environ.get("SWARM_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("dht", help="run a bootstrap DHT node and print its multiaddrs")
+    p.add_argument("--host-maddrs", nargs="+", default=["/ip4/127.0.0.1/tcp/0"])
+    p.add_argument("--initial-peers", nargs="*", default=[])
+    p.add_argument("--identity", default=None, help="path of a persistent Ed25519 key (created if missing)")
+    p.set_defaults(func=cmd_dht)
+
+    p = sub.add_parser("peer", help="run a peer that serves a span of the model's blocks")
+    p.add_argument("--model", default=None, help="local path or Hugging Face hub id (default: the embedded model)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--blocks", type=_blocks, default=None, help="START:END, the blocks to serve")
+    g.add_argument("--num-blocks", type=int, default=None, help="serve this many blocks where the swarm needs them")
+    g2 = p.add_mutually_exclusive_group(required=True)
+    g2.add_argument("--initial-peers", nargs="+", default=[], help="multiaddrs of peers already in the swarm")
+    g2.add_argument("--new-swarm", action="store_true", help="start a new swarm (no initial peers)")
+    p.add_argument("--host-maddrs", nargs="+", default=["/ip4/127.0.0.1/tcp/0"],
+                   help="listen multiaddrs, e.g. /ip4/0.0.0.0/tcp/31337")
+    p.add_argument("--announce-maddrs", nargs="*", default=[])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--identity", default=None, help="path of a persistent Ed25519 key (created if missing)")
+    p.add_argument("--max-cache-tokens", type=int, default=65536,
+                   help="KV-cache budget: tokens per block summed over all sessions")
+    p.add_argument("--session-timeout", type=float, default=300.0, help="close idle sessions after this many seconds")
+    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--throughput", type=float, default=None, help="announce this per-block throughput, skip measuring")
+    p.add_argument("--throttle", type=float, default=1.0, help=argparse.SUPPRESS)  # testing: run N times slower
+    p.add_argument("--record-ttl", type=float, default=15.0, help="seconds a DHT record lives unless refreshed")
+    p.set_defaults(func=cmd_peer)
+
+    p = sub.add_parser("generate", help="generate text through the swarm")
+    p.add_argument("--model", default=None)
+    p.add_argument("--initial-peers", nargs="+", required=True)
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object with token ids and text")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("sim", help="local multi-peer swarms on this machine")
+    simsub = p.add_subparsers(dest="sim_command", required=True)
+    up = simsub.add_parser("up", help="start a bootstrap node and N peers on 127.0.0.1 until Ctrl-C")
+    up.add_argument("--peers", type=int, default=3)
+    up.add_argument("--model", default=None)
+    up.add_argument("--blocks-per-peer", type=int, default=None)
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--peer-args", nargs=argparse.REMAINDER, help="extra options for every peer")
+    up.set_defaults(func=cmd_sim)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

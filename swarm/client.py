@@ -1,0 +1,455 @@
+"""The client: holds the embeddings, final norm and LM head, and runs the blocks through a chain of peers.
+
+    model = DistributedModelForCausalLM.from_pretrained("path/or/hub-id", initial_peers=[...])
+    out = model.generate(input_ids, attention_mask=mask, max_new_tokens=32)   # like transformers
+
+A generation keeps one inference session per peer of its chain for its whole length, so each decode step sends
+one token's hidden state per hop and the peers' KV caches do the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from partitioner.route import Hop, NoRouteError, ServerSpan, find_chain
+from protocols import PROTOCOL_VERSION
+from protocols.codec import decode_tensor, encode_tensor
+from protocols.messages import RPC_FORWARD, RPC_INFERENCE, pack, unpack
+from protocols.model_spec import Checkpoint, build_meta_model, resolve_dtype
+from protocols.records import PeerRecord, model_key, parse_records
+from protocols.transport import create_dht_node, create_p2p, ensure_connected, start_reaper
+
+logger = logging.getLogger("swarm.client")
+
+
+class SwarmError(RuntimeError):
+    """A request through the swarm failed (a peer error, no route, or a timeout)."""
+
+
+class _Network:
+    """A libp2p client and DHT node running in a background event-loop thread."""
+
+    def __init__(self, initial_peers: Sequence[str]):
+        if not initial_peers:
+            raise ValueError("initial_peers is empty: pass the multiaddrs printed by `swarm dht` or `swarm sim up`")
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="swarm-network", daemon=True)
+        self._thread.start()
+        self.p2p: Optional[P2P] = None
+        self.dht = None
+        self._connected: Dict[str, float] = {}
+        self.run(self._start(list(initial_peers)), timeout=60)
+
+    async def _start(self, initial_peers):
+        self.p2p = await create_p2p(initial_peers=initial_peers, client_mode=True)
+        self.dht = await create_dht_node(self.p2p, initial_peers, client_mode=True)
+
+    def run(self, coro, timeout: Optional[float] = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def records(self, model_uid: str) -> List[PeerRecord]:
+        found = await self.dht.get(model_key(model_uid), latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return []
+        return [
+            r for r in parse_records(found.value)
+            if r.model == model_uid and r.version == PROTOCOL_VERSION
+        ]
+
+    async def connect(self, record: PeerRecord) -> None:
+        if record.peer_id not in self._connected:
+            await ensure_connected(self.p2p, PeerID.from_base58(record.peer_id), record.addrs)
+            self._connected[record.peer_id] = time.time()
+
+    def shutdown(self):
+        async def _stop():
+            if self.dht is not None:
+                await self.dht.shutdown()
+            if self.p2p is not None:
+                await self.p2p.shutdown()
+
+        async def _cancel_rest():
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            self.run(_stop(), timeout=10)
+            self.run(_cancel_rest(), timeout=5)
+        except Exception as e:
+            logger.debug("network shutdown: %s", e)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+
+class _HopStream:
+    """One peer's side of an inference session: a persistent bidirectional stream."""
+
+    def __init__(self, hop: Hop, record: PeerRecord):
+        self.hop, self.record = hop, record
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.outputs = None
+        self.history: List[tuple] = []  # inputs sent so far: (hidden, mask or None), for replay on failover
+
+    async def _requests(self):
+        while True:
+            item = await self.queue.get()
+            if item is None:
+                return
+            yield item
+
+    async def open(self, net: _Network) -> None:
+        await net.connect(self.record)
+        self.outputs = await net.p2p.iterate_protobuf_handler(
+            PeerID.from_base58(self.hop.peer_id), RPC_INFERENCE, self._requests(), runtime_pb2.ExpertResponse
+        )
+
+    async def step(self, request: runtime_pb2.ExpertRequest, timeout: float) -> runtime_pb2.ExpertResponse:
+        await self.queue.put(request)
+        try:
+            return await asyncio.wait_for(self.outputs.__anext__(), timeout)
+        except StopAsyncIteration:
+            raise SwarmError(f"peer {self.hop.peer_id} closed the session") from None
+        except asyncio.TimeoutError:
+            raise SwarmError(f"peer {self.hop.peer_id} did not answer within {timeout:.1f}s") from None
+
+    def close(self) -> None:
+        self.queue.put_nowait(None)
+
+
+class InferenceSession:
+    """A generation's state across the swarm: one KV-cache session on each peer of a chain.
+
+    :param max_length: the most tokens (prompt + generated, padding included) this session may hold;
+        peers reserve KV cache for it and refuse more
+    :param batch_size: sequences generated together
+    """
+
+    def __init__(self, model: "DistributedModelForCausalLM", max_length: int, batch_size: int = 1):
+        self.model, self.max_length, self.batch_size = model, max_length, batch_size
+        self.session_id = uuid.uuid4().hex
+        self.length = 0
+        self.hops: List[_HopStream] = []
+        self.closed = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    async def _open(self) -> None:
+        net, model = self.model.net, self.model
+        records = {r.peer_id: r for r in await net.records(model.model_uid) if r.state == "online"}
+        spans = [
+            ServerSpan(r.peer_id, r.start, r.end, r.decode_sps, r.free_cache_tokens) for r in records.values()
+        ]
+        chain = find_chain(spans, 0, model.num_blocks, min_cache_tokens=self.batch_size * self.max_length)
+        hops = [_HopStream(h, records[h.peer_id]) for h in chain]
+        for hop in hops:
+            await hop.open(net)
+        for i, hop in enumerate(hops):
+            meta = {
+                "session_id": self.session_id, "start": hop.hop.start, "end": hop.hop.end,
+                "max_length": self.max_length, "batch_size": self.batch_size,
+            }
+            hop.pending_open = meta
+        self.hops = hops
+        logger.info("session %s: chain %s", self.session_id[:8],
+                    " -> ".join(f"{h.hop.peer_id[-6:]}[{h.hop.start}:{h.hop.end}]" for h in hops))
+
+    async def _step(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if not self.hops:
+            await self._open()
+        for hop in self.hops:
+            meta = dict(getattr(hop, "pending_open", None) or {})
+            hop.pending_open = None
+            meta["step"] = self.length
+            tensors = [encode_tensor(hidden)]
+            if mask is not None:
+                tensors.append(encode_tensor(mask.to(torch.uint8)))
+            request = runtime_pb2.ExpertRequest(tensors=tensors, metadata=pack(meta))
+            try:
+                response = await hop.step(request, self.model.step_timeout)
+            except SwarmError:
+                raise
+            except Exception as e:
+                raise SwarmError(f"peer {hop.hop.peer_id} failed: {e}") from e
+            hop.history.append((hidden, mask))
+            out = decode_tensor(response.tensors[0], max_numel=hidden.numel(), ndim=3)
+            if out.shape != hidden.shape:
+                raise SwarmError(f"peer {hop.hop.peer_id} returned shape {list(out.shape)}, expected {list(hidden.shape)}")
+            hidden = out
+        return hidden
+
+    def step(self, hidden: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run new tokens' hidden states through all blocks, extending every peer's KV cache.
+
+        :param hidden: ``[batch, new_tokens, hidden_size]``
+        :param attention_mask: ``[batch, new_tokens]`` (1 real, 0 left padding), or None if no padding
+        :returns: ``[batch, new_tokens, hidden_size]``, the last block's output
+        :raises ValueError: if the session would hold more than ``max_length`` tokens
+        :raises SwarmError: if a peer fails or no chain covers every block
+        """
+        if self.closed:
+            raise SwarmError("the inference session is closed")
+        b, q, _ = hidden.shape
+        if b != self.batch_size:
+            raise ValueError(f"batch of {b} sequences does not match the session's batch_size {self.batch_size}")
+        if self.length + q > self.max_length:
+            raise ValueError(
+                f"the session would hold {self.length + q} tokens, more than its max_length of {self.max_length}"
+            )
+        try:
+            out = self.model.net.run(self._step(hidden, attention_mask))
+        except NoRouteError as e:
+            raise SwarmError(str(e)) from e
+        self.length += q
+        return out
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+
+        async def _close():
+            for hop in self.hops:
+                hop.close()
+
+        try:
+            self.model.net.run(_close(), timeout=5)
+        except Exception:
+            pass
+
+
+class DistributedModelForCausalLM:
+    """A causal LM whose blocks live in the swarm; ``generate`` works like ``transformers``' ``generate``.
+
+    Use :meth:`from_pretrained`. Only the embeddings, final norm and LM head are loaded here.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, initial_peers: Sequence[str], *, dtype: str = "auto",
+                 step_timeout: float = 60.0):
+        self.checkpoint = checkpoint
+        self.config = checkpoint.config
+        self.model_uid = checkpoint.model_uid
+        self.num_blocks = checkpoint.num_blocks
+        self.dtype = resolve_dtype(dtype, self.config)
+        self.step_timeout = step_timeout
+        meta = build_meta_model(self.config)
+        base = meta.base_model
+        prefix = meta.base_model_prefix
+        names = {f"{prefix}.embed_tokens.weight": base.embed_tokens, f"{prefix}.norm.weight": base.norm}
+        state = checkpoint.read_tensors(list(names))
+        base.embed_tokens.load_state_dict({"weight": state[f"{prefix}.embed_tokens.weight"]}, assign=True)
+        base.norm.load_state_dict({"weight": state[f"{prefix}.norm.weight"]}, assign=True)
+        if checkpoint.tensor_names(["lm_head.weight"]) and not getattr(self.config, "tie_word_embeddings", False):
+            head = checkpoint.read_tensors(["lm_head.weight"])["lm_head.weight"]
+        else:
+            head = base.embed_tokens.weight
+        meta.lm_head.load_state_dict({"weight": head}, assign=True)
+        self.embed_tokens = base.embed_tokens.to(self.dtype).eval().requires_grad_(False)
+        self.norm = base.norm.to(self.dtype).eval().requires_grad_(False)
+        self.lm_head = meta.lm_head.to(self.dtype).eval().requires_grad_(False)
+        self.generation_config = _load_generation_config(checkpoint)
+        self._start_reaper()
+        self.net = _Network(initial_peers)
+
+    _reaper = None
+
+    @classmethod
+    def _start_reaper(cls):
+        if DistributedModelForCausalLM._reaper is None:
+            DistributedModelForCausalLM._reaper = start_reaper()
+
+    @classmethod
+    def from_pretrained(cls, model: str, initial_peers: Sequence[str], **kwargs) -> "DistributedModelForCausalLM":
+        """Load the client side of ``model`` (a local path or hub id) and connect to the swarm.
+
+        :raises ModelSpecError: unknown or unsupported model
+        :raises ValueError: empty ``initial_peers``
+        """
+        return cls(Checkpoint(model), initial_peers, **kwargs)
+
+    def shutdown(self) -> None:
+        self.net.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    def inference_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:
+        """Open a session that can hold ``max_length`` tokens per sequence (see :class:`InferenceSession`)."""
+        limit = int(getattr(self.config, "max_position_embeddings", max_length))
+        if max_length > limit:
+            raise ValueError(f"max_length {max_length} is over the model's limit of {limit} tokens")
+        return InferenceSession(self, max_length, batch_size)
+
+    def peers(self) -> List[PeerRecord]:
+        """The verified DHT records of the peers serving this model."""
+        return self.net.run(self.net.records(self.model_uid), timeout=30)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits for every position, computed through the swarm without a KV cache.
+
+        :param input_ids: ``[batch, tokens]``
+        :param attention_mask: ``[batch, tokens]``, 0 for left padding
+        :returns: ``[batch, tokens, vocab_size]`` float32 logits
+        """
+        hidden = self.embed_tokens(input_ids)
+        mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.long()
+
+        async def _run(hidden):
+            records = {r.peer_id: r for r in await self.net.records(self.model_uid) if r.state == "online"}
+            spans = [ServerSpan(r.peer_id, r.start, r.end, r.forward_tps) for r in records.values()]
+            for hop in find_chain(spans, 0, self.num_blocks):
+                await self.net.connect(records[hop.peer_id])
+                tensors = [encode_tensor(hidden)] + ([encode_tensor(mask.to(torch.uint8))] if mask is not None else [])
+                req = runtime_pb2.ExpertRequest(tensors=tensors, metadata=pack({"start": hop.start, "end": hop.end}))
+                resp = await self.net.p2p.call_protobuf_handler(
+                    PeerID.from_base58(hop.peer_id), RPC_FORWARD, _aiter([req]), runtime_pb2.ExpertResponse
+                )
+                hidden = decode_tensor(resp.tensors[0], max_numel=hidden.numel(), ndim=3)
+            return hidden
+
+        hidden = self.net.run(_run(hidden), timeout=self.step_timeout * 4)
+        return self.lm_head(self.norm(hidden)).float()
+
+    __call__ = forward
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        *,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        repetition_penalty: Optional[float] = None,
+        streamer: Any = None,
+        eos_token_id: Optional[Any] = None,
+        pad_token_id: Optional[int] = None,
+        session: Optional[InferenceSession] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        """Generate tokens like ``transformers``' ``generate``: greedy by default, or sampling.
+
+        :param input_ids: ``[batch, prompt_tokens]``, left-padded if prompts have different lengths
+        :param attention_mask: ``[batch, prompt_tokens]``, 0 marks padding
+        :param max_new_tokens: tokens to generate per sequence
+        :param streamer: an object with ``put(tensor)`` and ``end()`` (e.g. ``transformers.TextStreamer``)
+        :param session: an open :class:`InferenceSession` to continue; if None a new one is opened and closed
+        :returns: ``[batch, prompt_tokens + generated]`` token ids (fewer than ``max_new_tokens`` if every
+            sequence reached an end-of-sequence token; finished sequences are filled with ``pad_token_id``)
+        :raises ValueError: if the prompt plus ``max_new_tokens`` is longer than the session's max_length
+        :raises SwarmError: if the swarm cannot serve the request
+        """
+        if input_ids.ndim != 2:
+            raise ValueError("input_ids must be [batch, tokens]")
+        batch, prompt_len = input_ids.shape
+        gc = self.generation_config
+        eos = eos_token_id if eos_token_id is not None else gc.get("eos_token_id")
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        pad = pad_token_id if pad_token_id is not None else gc.get("pad_token_id")
+        if pad is None:
+            pad = eos[0] if eos else 0
+        own_session = session is None
+        if own_session:
+            session = self.inference_session(prompt_len + max_new_tokens, batch)
+        needed = session.length + prompt_len + max_new_tokens - 1
+        if needed > session.max_length:
+            raise ValueError(
+                f"generating {max_new_tokens} tokens after a {prompt_len}-token prompt needs a session of "
+                f"{needed} tokens, but the session's max_length is {session.max_length}"
+            )
+        processors = _logits_processors(do_sample, temperature, top_k, top_p, repetition_penalty)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask.long()
+        sequences = input_ids
+        unfinished = torch.ones(batch, dtype=torch.long)
+        next_input, next_mask = input_ids, mask
+        try:
+            for _ in range(max_new_tokens):
+                hidden = self.embed_tokens(next_input)
+                hidden = session.step(hidden, next_mask)
+                logits = self.lm_head(self.norm(hidden[:, -1:]))[:, -1].float()
+                scores = processors(sequences, logits) if processors else logits
+                if do_sample:
+                    probs = torch.softmax(scores, dim=-1)
+                    next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                else:
+                    next_tokens = torch.argmax(scores, dim=-1)
+                if eos:
+                    next_tokens = next_tokens * unfinished + pad * (1 - unfinished)
+                sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
+                if streamer is not None:
+                    streamer.put(next_tokens.cpu())
+                if eos:
+                    unfinished = unfinished & ~torch.isin(next_tokens, torch.tensor(eos))
+                    if not bool(unfinished.any()):
+                        break
+                next_input = next_tokens[:, None]
+                next_mask = None if mask is None else torch.ones(batch, 1, dtype=torch.long)
+        finally:
+            if streamer is not None:
+                streamer.end()
+            if own_session:
+                session.close()
+        return sequences
+
+
+def _logits_processors(do_sample, temperature, top_k, top_p, repetition_penalty) -> Optional[Callable]:
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    procs = LogitsProcessorList()
+    if repetition_penalty is not None and repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if do_sample:
+        if temperature is not None and temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(temperature))
+        if top_k is not None and top_k != 0:
+            procs.append(TopKLogitsWarper(top_k))
+        if top_p is not None and top_p < 1.0:
+            procs.append(TopPLogitsWarper(top_p))
+    return procs or None
+
+
+def _load_generation_config(checkpoint: Checkpoint) -> Dict[str, Any]:
+    out = {"eos_token_id": getattr(checkpoint.config, "eos_token_id", None),
+           "pad_token_id": getattr(checkpoint.config, "pad_token_id", None)}
+    try:
+        import json
+
+        with open(checkpoint._file("generation_config.json")) as f:
+            gc = json.load(f)
+        out.update({k: gc[k] for k in ("eos_token_id", "pad_token_id") if gc.get(k) is not None})
+    except Exception:
+        pass
+    return out
+
+
+async def _aiter(items):
+    for item in items:
+        yield item
