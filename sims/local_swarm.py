@@ -1,0 +1,244 @@
+"""A local swarm: a bootstrap DHT node and N real peer processes on 127.0.0.1.
+
+    with LocalSwarm(model_path, num_peers=3) as swarm:
+        client = DistributedModelForCausalLM.from_pretrained(model_path, initial_peers=swarm.initial_peers)
+
+Every child runs in its own session and is stopped (SIGTERM, then SIGKILL after a grace period) when the swarm
+stops; each child also runs a reaper for its own children, so nothing is left behind. Local swarms contact
+nothing beyond loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import psutil
+
+
+def default_spans(num_blocks: int, num_peers: int, blocks_per_peer: Optional[int] = None) -> List[Tuple[int, int]]:
+    """Spans for ``num_peers`` peers: ``blocks_per_peer`` blocks each (default ``ceil(num_blocks / 2)``, or all
+    blocks for one peer), laid round-robin so consecutive peers tile the model and later ones add replicas.
+
+    :raises ValueError: if the peers cannot cover every block
+    """
+    k = blocks_per_peer or (num_blocks if num_peers == 1 else math.ceil(num_blocks / 2))
+    k = min(k, num_blocks)
+    spans = []
+    for i in range(num_peers):
+        start = min((i * k) % num_blocks, num_blocks - k)
+        spans.append((start, start + k))
+    covered = set()
+    for s, e in spans:
+        covered.update(range(s, e))
+    if len(covered) < num_blocks:
+        raise ValueError(f"{num_peers} peers of {k} blocks cannot cover all {num_blocks} blocks")
+    return spans
+
+
+class _Child:
+    def __init__(self, name: str, argv: List[str], log_path: str, env: Dict[str, str], ready_marker: str):
+        self.name, self.argv, self.log_path = name, argv, log_path
+        self.ready = threading.Event()
+        self.ready_line: Optional[str] = None
+        self.log = open(log_path, "a", buffering=1)
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True, text=True, bufsize=1,
+        )
+        self._marker = ready_marker
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self):
+        for line in self.proc.stdout:
+            self.log.write(line)
+            if self._marker and line.startswith(self._marker) and not self.ready.is_set():
+                self.ready_line = line.strip()
+                self.ready.set()
+        self.log.flush()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            with open(self.log_path) as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+    def descendants(self) -> List[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def stop(self, timeout: float = 15.0, sig=signal.SIGTERM) -> Optional[int]:
+        kids = self.descendants()
+        if self.alive():
+            try:
+                self.proc.send_signal(sig)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for k in kids:  # p2pd or others the child failed to stop
+            try:
+                k.kill()
+            except psutil.Error:
+                pass
+        self._thread.join(timeout=2)
+        self.log.close()
+        return self.proc.returncode
+
+
+class LocalSwarm:
+    """Start a bootstrap node and peers; ``initial_peers`` is what clients pass to connect.
+
+    :param model: checkpoint path or hub id
+    :param num_peers: peers to start
+    :param spans: explicit ``(start, end)`` per peer (default :func:`default_spans`)
+    :param peer_args: extra ``swarm peer`` options for every peer (or a list of lists, one per peer)
+    :param log_dir: where each process's log goes (default: a new temporary folder)
+    """
+
+    def __init__(
+        self,
+        model: str,
+        num_peers: int = 3,
+        *,
+        spans: Optional[Sequence[Tuple[int, int]]] = None,
+        blocks_per_peer: Optional[int] = None,
+        peer_args: Sequence = (),
+        log_dir: Optional[str] = None,
+        env: Optional[Dict[str, str]] = None,
+        ready_timeout: float = 120.0,
+        num_threads: Optional[int] = 1,
+    ):
+        from protocols.model_spec import Checkpoint
+
+        self.model = model
+        self.num_blocks = Checkpoint(model).num_blocks
+        self.spans = list(spans) if spans is not None else default_spans(self.num_blocks, num_peers, blocks_per_peer)
+        self.peer_args = peer_args
+        self.log_dir = log_dir or tempfile.mkdtemp(prefix="swarm-sim-")
+        self.env = dict(os.environ, **(env or {}))
+        self.env.setdefault("PYTHONUNBUFFERED", "1")
+        self.ready_timeout = ready_timeout
+        self.num_threads = num_threads
+        self.dht: Optional[_Child] = None
+        self.peers: List[_Child] = []
+        self.initial_peers: List[str] = []
+        self.ready_seconds: Optional[float] = None
+
+    def _swarm_cmd(self) -> List[str]:
+        return [sys.executable, "-m", "swarm.cli"]
+
+    def start(self) -> "LocalSwarm":
+        """Start everything and wait until every peer serves its span.
+
+        :raises RuntimeError: if a process dies or the swarm is not ready within ``ready_timeout`` seconds
+        """
+        t0 = time.perf_counter()
+        try:
+            self.dht = _Child("dht", self._swarm_cmd() + ["dht"], os.path.join(self.log_dir, "dht.log"), self.env, "DHT_READY")
+            self._wait([self.dht], t0)
+            self.initial_peers = self.dht.ready_line.split()[1:]
+            for i in range(len(self.spans)):
+                self.start_peer(i)
+            self._wait(self.peers, t0)
+        except BaseException:
+            self.stop()
+            raise
+        self.ready_seconds = time.perf_counter() - t0
+        return self
+
+    def peer_argv(self, i: int) -> List[str]:
+        start, end = self.spans[i]
+        extra = self.peer_args
+        if extra and isinstance(extra[0], (list, tuple)):
+            extra = extra[i]
+        argv = self._swarm_cmd() + [
+            "peer", "--model", self.model, "--blocks", f"{start}:{end}", "--initial-peers", *self.initial_peers,
+        ]
+        if self.num_threads:
+            argv += ["--num-threads", str(self.num_threads)]
+        return argv + list(extra)
+
+    def start_peer(self, i: int, wait: bool = False) -> _Child:
+        """(Re)start peer ``i``; with ``wait``, block until it serves."""
+        child = _Child(f"peer{i}", self.peer_argv(i), os.path.join(self.log_dir, f"peer{i}.log"), self.env, "PEER_READY")
+        if i < len(self.peers):
+            self.peers[i] = child
+        else:
+            self.peers.append(child)
+        if wait:
+            self._wait([child], time.perf_counter())
+        return child
+
+    def _wait(self, children: List[_Child], t0: float) -> None:
+        for c in children:
+            while not c.ready.wait(0.1):
+                if not c.alive():
+                    raise RuntimeError(f"{c.name} exited with code {c.proc.returncode}:\n{c.tail()}")
+                if time.perf_counter() - t0 > self.ready_timeout:
+                    raise RuntimeError(f"{c.name} not ready after {self.ready_timeout:.0f}s:\n{c.tail()}")
+
+    def peer_id(self, i: int) -> str:
+        return self.peers[i].ready_line.split()[1]
+
+    def kill_peer(self, i: int, sig=signal.SIGKILL) -> None:
+        """Send ``sig`` to peer ``i``'s main process only (SIGKILL: a crash; its reaper cleans up children)."""
+        self.peers[i].proc.send_signal(sig)
+
+    def stop(self) -> None:
+        """Stop every peer, then the bootstrap node; nothing is left running."""
+        threads = [threading.Thread(target=p.stop) for p in self.peers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if self.dht is not None:
+            self.dht.stop()
+
+    def __enter__(self) -> "LocalSwarm":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def run_sim_up(model: str, num_peers: int, blocks_per_peer: Optional[int] = None, host: str = "127.0.0.1",
+               extra_peer_args: Sequence[str] = ()) -> int:
+    """``swarm sim up``: start a local swarm, print its address, run until Ctrl-C or SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    swarm = LocalSwarm(model, num_peers, blocks_per_peer=blocks_per_peer, peer_args=list(extra_peer_args))
+    print(f"starting a bootstrap node and {num_peers} peers on {host} (logs in {swarm.log_dir})", flush=True)
+    try:
+        swarm.start()
+        print(f"swarm ready in {swarm.ready_seconds:.1f}s; spans: "
+              + ", ".join(f"{s}:{e}" for s, e in swarm.spans), flush=True)
+        print("initial peers: " + " ".join(swarm.initial_peers), flush=True)
+        print(json.dumps({"initial_peers": swarm.initial_peers, "ready_seconds": swarm.ready_seconds}), flush=True)
+        print("press Ctrl-C to stop", flush=True)
+        while not stop.wait(0.5):
+            dead = [p.name for p in swarm.peers if not p.alive()]
+            if dead:
+                print(f"warning: {', '.join(dead)} exited; see {swarm.log_dir}", flush=True)
+                break
+    finally:
+        print("stopping the swarm", flush=True)
+        swarm.stop()
+        print("stopped", flush=True)
+    return 0
