@@ -185,6 +185,11 @@ class LocalSwarm:
             self._wait([child], time.perf_counter())
         return child
 
+    def add_peer(self, span: Tuple[int, int], wait: bool = True) -> _Child:
+        """Start one more peer serving ``span``."""
+        self.spans.append(tuple(span))
+        return self.start_peer(len(self.spans) - 1, wait=wait)
+
     def _wait(self, children: List[_Child], t0: float) -> None:
         for c in children:
             while not c.ready.wait(0.1):

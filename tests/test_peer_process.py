@@ -1,0 +1,154 @@
+"""The peer daemon as a process: clear errors, graceful leave, no process left behind."""
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import msgpack
+import psutil
+import pytest
+import torch
+
+from sims.local_swarm import LocalSwarm
+from swarm.client import DistributedModelForCausalLM, SwarmError
+
+
+def _swarm_cmd(*args):
+    return [sys.executable, "-m", "swarm.cli", *args]
+
+
+def test_port_in_use_is_a_clear_error(mha_model):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        proc = subprocess.run(
+            _swarm_cmd("peer", "--model", mha_model, "--new-swarm", "--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}"),
+            capture_output=True, text=True, timeout=120,
+        )
+    assert proc.returncode != 0
+    assert str(port) in proc.stderr and "in use" in proc.stderr
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    proc = subprocess.run(
+        _swarm_cmd("peer", "--model", str(tmp_path / "no-such-model"), "--new-swarm"),
+        capture_output=True, text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    assert proc.returncode != 0
+    assert "no-such-model" in proc.stderr
+
+
+def test_bad_span_is_a_clear_error(mha_model):
+    proc = subprocess.run(_swarm_cmd("peer", "--model", mha_model, "--new-swarm", "--blocks", "2:9"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "2:9" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def swarm(mha_model):
+    with LocalSwarm(mha_model, num_peers=2, spans=[(0, 4), (0, 4)]) as s:
+        yield s
+
+
+def _alive(procs):
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def test_sigkill_leaves_no_child_alive(swarm, mha_model):
+    extra = swarm.add_peer((0, 4))
+    children = psutil.Process(extra.proc.pid).children(recursive=True)
+    assert any("p2pd" in " ".join(c.cmdline()) for c in children)
+    extra.proc.send_signal(signal.SIGKILL)
+    extra.proc.wait(10)
+    deadline = time.time() + 10
+    while _alive(children) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(children), [c.cmdline() for c in _alive(children)]
+
+
+def test_sigterm_ends_sessions_with_moved_error_and_exits_cleanly(swarm, mha_model):
+    leaving = swarm.add_peer((0, 4))
+    leaving_id = leaving.ready_line.split()[1]
+    children = psutil.Process(leaving.proc.pid).children(recursive=True)
+    with DistributedModelForCausalLM.from_pretrained(mha_model, initial_peers=swarm.initial_peers) as client:
+        session = client.inference_session(max_length=32)
+        # force the session onto the leaving peer
+        client.net.run(session._open(), timeout=30)
+        from swarm.client import _HopStream
+        from partitioner.route import Hop
+
+        rec = {r.peer_id: r for r in client.peers()}[leaving_id]
+        hop = _HopStream(Hop(leaving_id, 0, 4), rec)
+        client.net.run(hop.open(client.net), timeout=30)
+        hop.pending_open = {"session_id": session.session_id, "start": 0, "end": 4, "max_length": 32, "batch_size": 1}
+        session.hops = [hop]
+        session.step(client.embed_tokens(torch.tensor([[1, 2, 3]])))
+        leaving.proc.send_signal(signal.SIGTERM)
+        assert leaving.proc.wait(30) == 0
+        with pytest.raises(SwarmError, match="leaving|moved|closed"):
+            session.step(client.embed_tokens(torch.tensor([[4]])))
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            states = {r.peer_id: r.state for r in client.peers()}
+            if states.get(leaving_id) in ("offline", None):
+                break
+            time.sleep(0.5)
+        assert states.get(leaving_id) in ("offline", None)
+    deadline = time.time() + 5  # its reaper notices the exit within a second
+    while _alive(children) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(children)
+
+
+def test_forged_records_in_the_dht_are_ignored(swarm, mha_model):
+    """A record stored by an attacker under a real peer's sub-key, or with a broken signature, is not used."""
+    from hivemind.utils import get_dht_time
+
+    from protocols.identity import Identity
+    from protocols.records import PeerRecord, model_key, sign_record
+
+    with DistributedModelForCausalLM.from_pretrained(mha_model, initial_peers=swarm.initial_peers) as client:
+        victim = swarm.peer_id(0)
+        attacker = Identity.generate()
+        fake = PeerRecord(peer_id=victim, model=client.model_uid, start=0, end=4, state="online",
+                          decode_sps=1e6, addrs=["/ip4/127.0.0.1/tcp/1"])
+        body = msgpack.packb(fake.to_dict(), use_bin_type=True)
+        forged = msgpack.packb({"b": body, "k": attacker.public_key, "s": attacker.sign(body)}, use_bin_type=True)
+        own = PeerRecord(peer_id=attacker.peer_id.to_base58(), model=client.model_uid, start=0, end=4,
+                         state="online", decode_sps=1e6, addrs=["/ip4/127.0.0.1/tcp/1"])
+        broken = bytearray(sign_record(own, attacker))
+        broken[-3] ^= 0xFF
+
+        async def store():
+            key = model_key(client.model_uid)
+            await client.net.dht.store(key, bytes(broken), get_dht_time() + 60, subkey=attacker.peer_id.to_base58())
+
+        client.net.run(store(), timeout=30)
+        ids = {r.peer_id for r in client.peers()}
+        assert attacker.peer_id.to_base58() not in ids
+        assert verify_ok(forged) is False
+        ids_before = len(ids)
+        out = client.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=4)
+        assert out.shape == (1, 7) and ids_before >= 2
+
+
+def verify_ok(value) -> bool:
+    from protocols.records import RecordError, verify_record
+
+    try:
+        verify_record(value)
+        return True
+    except RecordError:
+        return False
