@@ -93,13 +93,22 @@ class _Network:
 
 
 class _HopStream:
-    """One peer's side of an inference session: a persistent bidirectional stream."""
+    """One peer's side of an inference session: a persistent bidirectional stream.
+
+    ``history`` keeps every input this hop was sent, as ``(hidden, mask)`` pairs in step order, so a
+    replacement peer can rebuild the KV cache exactly (same chunks, same positions) if this one fails.
+    """
 
     def __init__(self, hop: Hop, record: PeerRecord):
         self.hop, self.record = hop, record
         self.queue: asyncio.Queue = asyncio.Queue()
         self.outputs = None
-        self.history: List[tuple] = []  # inputs sent so far: (hidden, mask or None), for replay on failover
+        self.history: List[tuple] = []
+        self.pending_open: Optional[Dict[str, Any]] = None
+
+    @property
+    def peer_id(self) -> str:
+        return self.hop.peer_id
 
     async def _requests(self):
         while True:
@@ -108,27 +117,71 @@ class _HopStream:
                 return
             yield item
 
-    async def open(self, net: _Network) -> None:
+    async def open(self, net: "_Network", meta: Dict[str, Any]) -> None:
         await net.connect(self.record)
         self.outputs = await net.p2p.iterate_protobuf_handler(
             PeerID.from_base58(self.hop.peer_id), RPC_INFERENCE, self._requests(), runtime_pb2.ExpertResponse
         )
+        self.pending_open = dict(meta, start=self.hop.start, end=self.hop.end)
 
-    async def step(self, request: runtime_pb2.ExpertRequest, timeout: float) -> runtime_pb2.ExpertResponse:
-        await self.queue.put(request)
+    def expected_seconds(self, tokens: int) -> float:
+        """Expected time of a step of ``tokens`` tokens (batch included) from the peer's announced speed."""
+        n = self.hop.end - self.hop.start
+        if tokens <= 1:
+            return n / max(self.record.decode_sps, 1e-3)
+        return n * tokens / max(self.record.forward_tps, 1e-3)
+
+    async def send(self, hidden: torch.Tensor, mask: Optional[torch.Tensor], timeout: float,
+                   extra: Optional[Dict[str, Any]] = None) -> torch.Tensor:
+        meta = dict(self.pending_open or {})
+        self.pending_open = None
+        meta.update(extra or {})
+        tensors = [encode_tensor(hidden)]
+        if mask is not None:
+            tensors.append(encode_tensor(mask.to(torch.uint8)))
+        await self.queue.put(runtime_pb2.ExpertRequest(tensors=tensors, metadata=pack(meta)))
         try:
-            return await asyncio.wait_for(self.outputs.__anext__(), timeout)
+            response = await asyncio.wait_for(self.outputs.__anext__(), timeout)
         except StopAsyncIteration:
-            raise SwarmError(f"peer {self.hop.peer_id} closed the session") from None
+            raise _PeerFailed(self.peer_id, "closed the stream") from None
         except asyncio.TimeoutError:
-            raise SwarmError(f"peer {self.hop.peer_id} did not answer within {timeout:.1f}s") from None
+            raise _PeerFailed(self.peer_id, f"did not answer within {timeout:.1f}s") from None
+        except Exception as e:
+            text = str(e)
+            if "max_length" in text:
+                raise SwarmError(text) from e
+            raise _PeerFailed(self.peer_id, text) from e
+        out = decode_tensor(response.tensors[0], max_numel=hidden.numel(), ndim=3)
+        if out.shape != hidden.shape:
+            raise _PeerFailed(self.peer_id, f"returned shape {list(out.shape)}, expected {list(hidden.shape)}")
+        return out
 
     def close(self) -> None:
         self.queue.put_nowait(None)
 
 
+class _PeerFailed(Exception):
+    def __init__(self, peer_id: str, reason: str):
+        self.peer_id, self.reason = peer_id, reason
+        super().__init__(f"peer {peer_id} failed: {reason}")
+
+
+def _concat_history(history: List[tuple]):
+    """Join per-step inputs into one replay message: hidden ``[batch, sum(n_i), hidden]``, mask or None, [n_i]."""
+    hidden = torch.cat([h for h, _ in history], dim=1)
+    lengths = [h.shape[1] for h, _ in history]
+    if all(m is None for _, m in history):
+        return hidden, None, lengths
+    masks = [m if m is not None else torch.ones(h.shape[:2], dtype=torch.long) for h, m in history]
+    return hidden, torch.cat(masks, dim=1), lengths
+
+
 class InferenceSession:
     """A generation's state across the swarm: one KV-cache session on each peer of a chain.
+
+    If a peer fails (its connection resets, it misses its step deadline, or it leaves), the session bans it,
+    finds a replacement chain for exactly the blocks it served, replays that hop's past inputs (in the
+    original step sizes, so the rebuilt KV cache is bit-identical) and continues; outputs do not change.
 
     :param max_length: the most tokens (prompt + generated, padding included) this session may hold;
         peers reserve KV cache for it and refuse more
@@ -141,6 +194,7 @@ class InferenceSession:
         self.length = 0
         self.hops: List[_HopStream] = []
         self.closed = False
+        self.failovers: List[Dict[str, Any]] = []  # one entry per recovered failure: peer, reason, times
 
     def __enter__(self):
         return self
@@ -148,48 +202,90 @@ class InferenceSession:
     def __exit__(self, *exc):
         self.close()
 
-    async def _open(self) -> None:
-        net, model = self.model.net, self.model
-        records = {r.peer_id: r for r in await net.records(model.model_uid) if r.state == "online"}
-        spans = [
-            ServerSpan(r.peer_id, r.start, r.end, r.decode_sps, r.free_cache_tokens) for r in records.values()
-        ]
-        chain = find_chain(spans, 0, model.num_blocks, min_cache_tokens=self.batch_size * self.max_length)
-        hops = [_HopStream(h, records[h.peer_id]) for h in chain]
-        for hop in hops:
-            await hop.open(net)
-        for i, hop in enumerate(hops):
-            meta = {
-                "session_id": self.session_id, "start": hop.hop.start, "end": hop.hop.end,
-                "max_length": self.max_length, "batch_size": self.batch_size,
-            }
-            hop.pending_open = meta
-        self.hops = hops
-        logger.info("session %s: chain %s", self.session_id[:8],
-                    " -> ".join(f"{h.hop.peer_id[-6:]}[{h.hop.start}:{h.hop.end}]" for h in hops))
+    def _open_meta(self) -> Dict[str, Any]:
+        return {"session_id": self.session_id, "max_length": self.max_length, "batch_size": self.batch_size}
+
+    async def _chain(self, start: int, end: int, deadline: float) -> List[_HopStream]:
+        """Open streams along the best chain of live, unbanned peers for blocks ``[start, end)``; wait for
+        peers (up to ``deadline``) while some block has none."""
+        model, net = self.model, self.model.net
+        delay = 0.2
+        while True:
+            records = {r.peer_id: r for r in await net.records(model.model_uid) if r.state == "online"}
+            model._unban_restarted(records.values())
+            spans = [ServerSpan(r.peer_id, r.start, r.end, r.decode_sps, r.free_cache_tokens)
+                     for r in records.values()]
+            try:
+                chain = find_chain(spans, start, end, banned=model._banned_ids(),
+                                   min_cache_tokens=self.batch_size * self.max_length)
+                hops = []
+                for h in chain:
+                    hop = _HopStream(h, records[h.peer_id])
+                    try:
+                        await hop.open(net, self._open_meta())
+                    except Exception as e:
+                        model._ban(h.peer_id, f"cannot open a stream: {e}")
+                        for opened in hops:
+                            opened.close()
+                        raise _PeerFailed(h.peer_id, str(e))
+                    hops.append(hop)
+                return hops
+            except (NoRouteError, _PeerFailed) as e:
+                if time.monotonic() + delay > deadline:
+                    if isinstance(e, NoRouteError):
+                        raise SwarmError(f"{e} (waited {model.retry_timeout:.0f}s for a peer)") from e
+                    raise SwarmError(f"could not build a chain for blocks {start}:{end}: {e}") from e
+                logger.info("no usable chain for blocks %d:%d yet (%s); retrying in %.1fs", start, end, e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, 2.0)
+
+    async def _replace(self, index: int, deadline: float) -> List[_HopStream]:
+        """Replace hop ``index`` by a new chain over the same blocks and replay its history into it."""
+        old = self.hops[index]
+        while True:
+            new_hops = await self._chain(old.hop.start, old.hop.end, deadline)
+            inputs = list(old.history)
+            try:
+                for hop in new_hops:
+                    if inputs:
+                        hidden, mask, lengths = _concat_history(inputs)
+                        timeout = self.model.step_timeout_for(hop, hidden.shape[0] * hidden.shape[1])
+                        out = await hop.send(hidden, mask, timeout, {"replay": lengths, "step": -1})
+                        hop.history = list(inputs)
+                        inputs = [(o, m) for o, (_, m) in zip(out.split(lengths, dim=1), inputs)]
+                return new_hops
+            except _PeerFailed as e:
+                self.model._ban(e.peer_id, e.reason)
+                for hop in new_hops:
+                    hop.close()
+                if time.monotonic() > deadline:
+                    raise SwarmError(f"replay to a replacement for blocks {old.hop.start}:{old.hop.end} failed: {e}")
 
     async def _step(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        deadline = time.monotonic() + self.model.retry_timeout
         if not self.hops:
-            await self._open()
-        for hop in self.hops:
-            meta = dict(getattr(hop, "pending_open", None) or {})
-            hop.pending_open = None
-            meta["step"] = self.length
-            tensors = [encode_tensor(hidden)]
-            if mask is not None:
-                tensors.append(encode_tensor(mask.to(torch.uint8)))
-            request = runtime_pb2.ExpertRequest(tensors=tensors, metadata=pack(meta))
+            self.hops = await self._chain(0, self.model.num_blocks, deadline)
+            logger.info("session %s: chain %s", self.session_id[:8],
+                        " -> ".join(f"{h.peer_id[-6:]}[{h.hop.start}:{h.hop.end}]" for h in self.hops))
+        i = 0
+        while i < len(self.hops):
+            hop = self.hops[i]
             try:
-                response = await hop.step(request, self.model.step_timeout)
-            except SwarmError:
-                raise
-            except Exception as e:
-                raise SwarmError(f"peer {hop.hop.peer_id} failed: {e}") from e
+                timeout = self.model.step_timeout_for(hop, hidden.shape[0] * hidden.shape[1])
+                out = await hop.send(hidden, mask, timeout, {"step": self.length})
+            except _PeerFailed as e:
+                failed_at = time.time()
+                self.model._ban(e.peer_id, e.reason)
+                hop.close()
+                logger.warning("session %s: %s; replacing blocks %d:%d", self.session_id[:8], e,
+                               hop.hop.start, hop.hop.end)
+                self.hops[i:i + 1] = await self._replace(i, deadline)
+                self.failovers.append({"peer_id": e.peer_id, "reason": e.reason, "detected_at": failed_at,
+                                       "recovered_at": time.time(), "blocks": (hop.hop.start, hop.hop.end)})
+                continue
             hop.history.append((hidden, mask))
-            out = decode_tensor(response.tensors[0], max_numel=hidden.numel(), ndim=3)
-            if out.shape != hidden.shape:
-                raise SwarmError(f"peer {hop.hop.peer_id} returned shape {list(out.shape)}, expected {list(hidden.shape)}")
             hidden = out
+            i += 1
         return hidden
 
     def step(self, hidden: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -199,7 +295,7 @@ class InferenceSession:
         :param attention_mask: ``[batch, new_tokens]`` (1 real, 0 left padding), or None if no padding
         :returns: ``[batch, new_tokens, hidden_size]``, the last block's output
         :raises ValueError: if the session would hold more than ``max_length`` tokens
-        :raises SwarmError: if a peer fails or no chain covers every block
+        :raises SwarmError: if the swarm cannot serve the step before the client's ``retry_timeout``
         """
         if self.closed:
             raise SwarmError("the inference session is closed")
@@ -210,10 +306,7 @@ class InferenceSession:
             raise ValueError(
                 f"the session would hold {self.length + q} tokens, more than its max_length of {self.max_length}"
             )
-        try:
-            out = self.model.net.run(self._step(hidden, attention_mask))
-        except NoRouteError as e:
-            raise SwarmError(str(e)) from e
+        out = self.model.net.run(self._step(hidden, attention_mask))
         self.length += q
         return out
 
@@ -239,13 +332,18 @@ class DistributedModelForCausalLM:
     """
 
     def __init__(self, checkpoint: Checkpoint, initial_peers: Sequence[str], *, dtype: str = "auto",
-                 step_timeout: float = 60.0):
+                 retry_timeout: float = 60.0, min_step_timeout: float = 3.0, step_timeout_factor: float = 20.0,
+                 ban_seconds: float = 30.0):
         self.checkpoint = checkpoint
         self.config = checkpoint.config
         self.model_uid = checkpoint.model_uid
         self.num_blocks = checkpoint.num_blocks
         self.dtype = resolve_dtype(dtype, self.config)
-        self.step_timeout = step_timeout
+        self.retry_timeout = retry_timeout
+        self.min_step_timeout, self.step_timeout_factor = min_step_timeout, step_timeout_factor
+        self.step_timeout = max(min_step_timeout, 30.0)  # for requests without a known expected time
+        self.ban_seconds = ban_seconds
+        self._bans: Dict[str, tuple] = {}  # peer id -> (banned at, reason)
         meta = build_meta_model(self.config)
         base = meta.base_model
         prefix = meta.base_model_prefix
@@ -266,6 +364,26 @@ class DistributedModelForCausalLM:
         self.net = _Network(initial_peers)
 
     _reaper = None
+
+    def step_timeout_for(self, hop: _HopStream, tokens: int) -> float:
+        """A step's deadline: ``step_timeout_factor`` times the peer's expected time, at least
+        ``min_step_timeout`` seconds; a silent peer is declared failed after it."""
+        return max(self.min_step_timeout, self.step_timeout_factor * hop.expected_seconds(tokens))
+
+    def _ban(self, peer_id: str, reason: str) -> None:
+        logger.info("not using peer %s for %.0fs: %s", peer_id, self.ban_seconds, reason)
+        self._bans[peer_id] = (time.time(), reason)
+
+    def _banned_ids(self) -> set:
+        now = time.time()
+        return {p for p, (t, _) in self._bans.items() if now - t < self.ban_seconds}
+
+    def _unban_restarted(self, records) -> None:
+        """A banned peer that announced itself again after the ban (a restart) is trusted again."""
+        for r in records:
+            ban = self._bans.get(r.peer_id)
+            if ban is not None and r.timestamp > ban[0] + 0.5:
+                del self._bans[r.peer_id]
 
     @classmethod
     def _start_reaper(cls):

@@ -79,26 +79,35 @@ def test_sigkill_leaves_no_child_alive(swarm, mha_model):
 
 
 def test_sigterm_ends_sessions_with_moved_error_and_exits_cleanly(swarm, mha_model):
+    """A leaving peer tells its sessions' clients it moved; the client re-routes at once and continues."""
     leaving = swarm.add_peer((0, 4))
     leaving_id = leaving.ready_line.split()[1]
     children = psutil.Process(leaving.proc.pid).children(recursive=True)
     with DistributedModelForCausalLM.from_pretrained(mha_model, initial_peers=swarm.initial_peers) as client:
         session = client.inference_session(max_length=32)
-        # force the session onto the leaving peer
-        client.net.run(session._open(), timeout=30)
-        from swarm.client import _HopStream
+        # put the session on the leaving peer
         from partitioner.route import Hop
+        from swarm.client import _HopStream
 
         rec = {r.peer_id: r for r in client.peers()}[leaving_id]
         hop = _HopStream(Hop(leaving_id, 0, 4), rec)
-        client.net.run(hop.open(client.net), timeout=30)
-        hop.pending_open = {"session_id": session.session_id, "start": 0, "end": 4, "max_length": 32, "batch_size": 1}
+        client.net.run(hop.open(client.net, session._open_meta()), timeout=30)
         session.hops = [hop]
-        session.step(client.embed_tokens(torch.tensor([[1, 2, 3]])))
+        first = session.step(client.embed_tokens(torch.tensor([[1, 2, 3]])))
         leaving.proc.send_signal(signal.SIGTERM)
         assert leaving.proc.wait(30) == 0
-        with pytest.raises(SwarmError, match="leaving|moved|closed"):
-            session.step(client.embed_tokens(torch.tensor([[4]])))
+        t0 = time.time()
+        second = session.step(client.embed_tokens(torch.tensor([[4]])))
+        assert time.time() - t0 < 5  # no step deadline was needed: the peer said it was leaving
+        assert len(session.failovers) == 1
+        assert session.failovers[0]["peer_id"] == leaving_id
+        assert "leaving" in session.failovers[0]["reason"] or "closed" in session.failovers[0]["reason"]
+        assert session.hops[0].peer_id != leaving_id
+        # the continued session equals an uninterrupted one
+        with client.inference_session(max_length=32) as fresh:
+            fresh.step(client.embed_tokens(torch.tensor([[1, 2, 3]])))
+            torch.testing.assert_close(fresh.step(client.embed_tokens(torch.tensor([[4]]))), second, rtol=0, atol=0)
+        session.close()
         deadline = time.time() + 20
         while time.time() < deadline:
             states = {r.peer_id: r.state for r in client.peers()}
