@@ -63,6 +63,9 @@ class PeerOptions:
     num_threads: Optional[int] = None
     throughput: Optional[float] = None
     throttle: float = 1.0
+    # testing only: SIGKILL this process when the N-th inference step arrives / stop answering at it
+    crash_at_step: Optional[int] = None
+    hang_at_step: Optional[int] = None
 
 
 class Session:
@@ -99,6 +102,7 @@ class Peer:
         self._tasks: List[asyncio.Task] = []
         self.p2p = self.dht = None
         self._identity_file: Optional[str] = None
+        self.steps_received = 0
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -355,6 +359,15 @@ class Peer:
             raise PeerLeaving(f"peer {self.peer_id} is leaving the swarm; moved: continue on another peer")
         raise TimeoutError(f"session closed after {timeout:.0f}s without a request")
 
+    async def _testing_faults(self) -> None:
+        self.steps_received += 1
+        if self.opts.crash_at_step == self.steps_received:
+            logger.warning("crashing on purpose at inference step %d (--crash-at-step)", self.steps_received)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.opts.hang_at_step == self.steps_received:
+            logger.warning("going silent on purpose at inference step %d (--hang-at-step)", self.steps_received)
+            await asyncio.sleep(3600)
+
     async def rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
         if self.leaving.is_set():
             raise PeerLeaving(f"peer {self.peer_id} is leaving the swarm; moved: continue on another peer")
@@ -367,6 +380,7 @@ class Peer:
         try:
             while request is not None:
                 if len(request.tensors) > 0:
+                    await self._testing_faults()
                     hidden, mask = self._decode_hidden(request, session.batch_size)
                     q = hidden.shape[1]
                     if session.length + q > session.max_length:

@@ -162,11 +162,12 @@ class LocalSwarm:
         self.ready_seconds = time.perf_counter() - t0
         return self
 
-    def peer_argv(self, i: int) -> List[str]:
+    def peer_argv(self, i: int, extra: Optional[Sequence[str]] = None) -> List[str]:
         start, end = self.spans[i]
-        extra = self.peer_args
-        if extra and isinstance(extra[0], (list, tuple)):
-            extra = extra[i]
+        if extra is None:
+            extra = self.peer_args
+            if extra and isinstance(extra[0], (list, tuple)):
+                extra = extra[i] if i < len(extra) else []
         argv = self._swarm_cmd() + [
             "peer", "--model", self.model, "--blocks", f"{start}:{end}", "--initial-peers", *self.initial_peers,
         ]
@@ -189,6 +190,17 @@ class LocalSwarm:
         """Start one more peer serving ``span``."""
         self.spans.append(tuple(span))
         return self.start_peer(len(self.spans) - 1, wait=wait)
+
+    def add_peer_with_args(self, span: Tuple[int, int], args: Sequence[str], wait: bool = True) -> _Child:
+        """Start one more peer serving ``span`` with extra ``swarm peer`` options."""
+        self.spans.append(tuple(span))
+        i = len(self.spans) - 1
+        child = _Child(f"peer{i}", self.peer_argv(i, args), os.path.join(self.log_dir, f"peer{i}.log"), self.env,
+                       "PEER_READY")
+        self.peers.append(child)
+        if wait:
+            self._wait([child], time.perf_counter())
+        return child
 
     def _wait(self, children: List[_Child], t0: float) -> None:
         for c in children:

@@ -84,7 +84,7 @@ def cmd_peer(args) -> int:
             announce_maddrs=args.announce_maddrs, device=args.device, dtype=args.dtype, identity_path=args.identity,
             max_cache_tokens=args.max_cache_tokens, session_timeout=args.session_timeout,
             num_threads=args.num_threads, throughput=args.throughput, throttle=args.throttle,
-            record_ttl=args.record_ttl,
+            record_ttl=args.record_ttl, crash_at_step=args.crash_at_step, hang_at_step=args.hang_at_step,
         )
         return run_peer(opts)
     except (PortInUseError, ModelSpecError, ValueError) as e:
@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--throughput", type=float, default=None, help="announce this per-block throughput, skip measuring")
     p.add_argument("--throttle", type=float, default=1.0, help=argparse.SUPPRESS)  # testing: run N times slower
+    p.add_argument("--crash-at-step", type=int, default=None, help=argparse.SUPPRESS)  # testing: SIGKILL itself
+    p.add_argument("--hang-at-step", type=int, default=None, help=argparse.SUPPRESS)  # testing: go silent
     p.add_argument("--record-ttl", type=float, default=15.0, help="seconds a DHT record lives unless refreshed")
     p.set_defaults(func=cmd_peer)
 

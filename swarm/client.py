@@ -46,7 +46,7 @@ class _Network:
         self._thread.start()
         self.p2p: Optional[P2P] = None
         self.dht = None
-        self._connected: Dict[str, float] = {}
+        self._connected: Dict[str, tuple] = {}
         self.run(self._start(list(initial_peers)), timeout=60)
 
     async def _start(self, initial_peers):
@@ -66,9 +66,11 @@ class _Network:
         ]
 
     async def connect(self, record: PeerRecord) -> None:
-        if record.peer_id not in self._connected:
+        """Connect to a peer at the addresses of its latest record (they change when it restarts)."""
+        addrs = tuple(record.addrs)
+        if self._connected.get(record.peer_id) != addrs:
             await ensure_connected(self.p2p, PeerID.from_base58(record.peer_id), record.addrs)
-            self._connected[record.peer_id] = time.time()
+            self._connected[record.peer_id] = addrs
 
     def shutdown(self):
         async def _stop():
