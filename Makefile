@@ -23,5 +23,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m sims.bench_inference
 
+bench-chaos: $(STAMP)
+	$(PY) -m sims.chaos
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -49,6 +49,7 @@ class PeerOptions:
     model: str
     blocks: Optional[Tuple[int, int]] = None
     num_blocks: Optional[int] = None
+    rebalance_period: float = 3.0  # peers placed automatically (--num-blocks) check for gaps this often (s)
     initial_peers: List[str] = field(default_factory=list)
     new_swarm: bool = False
     host_maddrs: List[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
@@ -59,7 +60,7 @@ class PeerOptions:
     max_cache_tokens: int = 65536
     max_chunk_tokens: int = 8192
     session_timeout: float = 300.0
-    record_ttl: float = 15.0
+    record_ttl: float = 10.0
     num_threads: Optional[int] = None
     throughput: Optional[float] = None
     throttle: float = 1.0
@@ -79,6 +80,8 @@ class Session:
         self.real = torch.zeros(batch_size, dtype=torch.long)  # real tokens per row
         self.mask: Optional[torch.Tensor] = None  # [batch, length] once any padding was seen
         self.reserved = batch_size * max_length * (end - start)
+        self.backend: Optional[SpanBackend] = None  # the span it was opened on (a peer may move later)
+        self.ended = asyncio.Event()  # set when the peer moves away from this span
 
 
 class Peer:
@@ -158,6 +161,8 @@ class Peer:
         self.state = "online"
         await self.announce()
         self._tasks.append(asyncio.create_task(self._announce_loop()))
+        if opts.blocks is None:
+            self._tasks.append(asyncio.create_task(self._rebalance_loop()))
         logger.info(
             "peer %s online: blocks %d:%d, %.0f tokens/s forward and %.1f decode steps/s per block, listening on %s",
             self.peer_id, self.start_block, self.end_block, self.forward_tps, self.decode_sps, " ".join(self.maddrs),
@@ -177,6 +182,57 @@ class Peer:
         spans = [(r.start, r.end, r.decode_sps) for r in records if r.state != "offline" and r.peer_id != str(self.peer_id)]
         start = choose_span(total, n, spans)
         return start, start + n
+
+    async def _rebalance_loop(self) -> None:
+        """Heal gaps: if some block has no online peer and every block of this peer's span has another
+        server, move this peer to the weakest window (which contains the gap). Random jitter keeps several
+        peers from moving at once; the re-check after the jitter sees peers that already moved."""
+        import random
+
+        while True:
+            await asyncio.sleep(self.opts.rebalance_period * (0.5 + random.random()))
+            try:
+                await self._maybe_move()
+            except Exception as e:
+                logger.warning("rebalancing check failed: %s", e)
+
+    async def _maybe_move(self) -> None:
+        total = self.checkpoint.num_blocks
+        now = time.time()
+        others = [
+            r for r in await self.fetch_records()
+            if r.peer_id != self.peer_id.to_base58() and r.state == "online"
+            and now - r.timestamp < self.opts.record_ttl * 1.5
+        ]
+        coverage = [0] * total
+        for r in others:
+            for b in range(r.start, min(r.end, total)):
+                coverage[b] += 1
+        mine = range(self.start_block, self.end_block)
+        gaps = [b for b in range(total) if coverage[b] == 0 and b not in mine]
+        if not gaps or any(coverage[b] == 0 for b in mine):
+            return
+        from partitioner.placement import choose_span
+
+        n = self.end_block - self.start_block
+        start = choose_span(total, n, [(r.start, r.end, r.decode_sps) for r in others])
+        if start == self.start_block:
+            return
+        await self.move(start, start + n, reason=f"block(s) {gaps} had no peer")
+
+    async def move(self, start: int, end: int, reason: str = "") -> None:
+        """Load blocks ``[start, end)`` and serve them instead of the current span; open sessions get a
+        'moved' error at their next request so their clients re-route."""
+        logger.info("moving from blocks %d:%d to %d:%d: %s", self.start_block, self.end_block, start, end, reason)
+        loop = asyncio.get_running_loop()
+        backend = await loop.run_in_executor(
+            self.pool, lambda: SpanBackend(self.checkpoint, start, end, self.opts.device, self.dtype)
+        )
+        self.backend, self.start_block, self.end_block = backend, start, end
+        for session in list(self.sessions.values()):
+            session.ended.set()
+        await self.announce()
+        logger.info("now serving blocks %d:%d", start, end)
 
     async def fetch_records(self) -> List[PeerRecord]:
         found = await self.dht.get(model_key(self.model_uid), latest=True)
@@ -306,6 +362,7 @@ class Peer:
                 f"{max(free, 0) // max(end - start, 1)} free"
             )
         session = Session(session_id, start, end, batch_size, max_length, self.backend.new_cache())
+        session.backend = self.backend
         self.sessions[session_id] = session
         self.reserved_tokens += session.reserved
         logger.info("session %s opened: blocks %d:%d, batch %d, max_length %d", session_id[:8], start, end, batch_size, max_length)
@@ -327,7 +384,7 @@ class Peer:
             session.mask = torch.cat([session.mask, mask], dim=1)
         pos = positions_for(mask, session.real)
         session.real += mask.sum(-1)
-        out = self.backend.forward(
+        out = session.backend.forward(
             hidden, start=session.start, end=session.end, position_ids=pos, attention_mask=session.mask,
             cache=session.cache,
         )
@@ -342,13 +399,17 @@ class Peer:
             offset += n
         return torch.cat(outs, dim=1)
 
-    async def _next_request(self, requests: AsyncIterator, timeout: float):
+    async def _next_request(self, requests: AsyncIterator, timeout: float, session: Optional[Session] = None):
         next_task = asyncio.ensure_future(requests.__anext__())
         leaving_task = asyncio.ensure_future(self.leaving.wait())
+        waits = {next_task, leaving_task}
+        if session is not None:
+            waits.add(asyncio.ensure_future(session.ended.wait()))
         try:
-            done, _ = await asyncio.wait({next_task, leaving_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            leaving_task.cancel()
+            for t in waits - {next_task}:
+                t.cancel()
         if next_task in done:
             try:
                 return next_task.result()
@@ -357,6 +418,9 @@ class Peer:
         next_task.cancel()
         if self.leaving.is_set():
             raise PeerLeaving(f"peer {self.peer_id} is leaving the swarm; moved: continue on another peer")
+        if session is not None and session.ended.is_set():
+            raise PeerLeaving(f"peer {self.peer_id} moved to blocks {self.start_block}:{self.end_block}; "
+                              "continue on another peer")
         raise TimeoutError(f"session closed after {timeout:.0f}s without a request")
 
     async def _testing_faults(self) -> None:
@@ -379,6 +443,9 @@ class Peer:
         loop = asyncio.get_running_loop()
         try:
             while request is not None:
+                if session.backend is not self.backend:
+                    raise PeerLeaving(f"peer {self.peer_id} moved to blocks {self.start_block}:{self.end_block}; "
+                                      "continue on another peer")
                 if len(request.tensors) > 0:
                     await self._testing_faults()
                     hidden, mask = self._decode_hidden(request, session.batch_size)
@@ -401,7 +468,7 @@ class Peer:
                     yield runtime_pb2.ExpertResponse(
                         tensors=[encode_tensor(out)], metadata=pack({"step": meta.get("step", 0), "length": session.length})
                     )
-                request = await self._next_request(requests, self.opts.session_timeout)
+                request = await self._next_request(requests, self.opts.session_timeout, session)
                 if request is not None:
                     meta = unpack(request.metadata)
         finally:

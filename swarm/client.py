@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
 import time
 import uuid
@@ -23,7 +24,7 @@ from hivemind.proto import runtime_pb2
 from partitioner.route import Hop, NoRouteError, ServerSpan, find_chain
 from protocols import PROTOCOL_VERSION
 from protocols.codec import decode_tensor, encode_tensor
-from protocols.messages import RPC_FORWARD, RPC_INFERENCE, pack, unpack
+from protocols.messages import RPC_FORWARD, RPC_INFERENCE, RPC_INFO, pack, unpack
 from protocols.model_spec import Checkpoint, build_meta_model, resolve_dtype
 from protocols.records import PeerRecord, model_key, parse_records
 from protocols.transport import create_dht_node, create_p2p, ensure_connected, start_reaper
@@ -120,6 +121,7 @@ class _HopStream:
             yield item
 
     async def open(self, net: "_Network", meta: Dict[str, Any]) -> None:
+        self.net = net
         await net.connect(self.record)
         self.outputs = await net.p2p.iterate_protobuf_handler(
             PeerID.from_base58(self.hop.peer_id), RPC_INFERENCE, self._requests(), runtime_pb2.ExpertResponse
@@ -143,11 +145,11 @@ class _HopStream:
             tensors.append(encode_tensor(mask.to(torch.uint8)))
         await self.queue.put(runtime_pb2.ExpertRequest(tensors=tensors, metadata=pack(meta)))
         try:
-            response = await asyncio.wait_for(self.outputs.__anext__(), timeout)
+            response = await self._await_response(timeout)
         except StopAsyncIteration:
             raise _PeerFailed(self.peer_id, "closed the stream") from None
-        except asyncio.TimeoutError:
-            raise _PeerFailed(self.peer_id, f"did not answer within {timeout:.1f}s") from None
+        except _PeerFailed:
+            raise
         except Exception as e:
             text = str(e)
             if "max_length" in text:
@@ -157,6 +159,36 @@ class _HopStream:
         if out.shape != hidden.shape:
             raise _PeerFailed(self.peer_id, f"returned shape {list(out.shape)}, expected {list(hidden.shape)}")
         return out
+
+    async def _await_response(self, timeout: float):
+        """Wait for the next response. A libp2p stream does not always notice that the remote host died while
+        a request is in flight, so if the answer is late (3x the expected time, at least 0.2 s) the peer is
+        probed with a small unary call every 0.5 s: a dead peer fails the probe at once; a live but silent
+        one is given up on at ``timeout``."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        task = asyncio.ensure_future(self.outputs.__anext__())
+        wait = max(0.2, 3 * self.expected_seconds(1))
+        try:
+            while True:
+                remaining = timeout - (loop.time() - started)
+                if remaining <= 0:
+                    raise _PeerFailed(self.peer_id, f"did not answer within {timeout:.1f}s")
+                done, _ = await asyncio.wait({task}, timeout=min(wait, remaining))
+                if done:
+                    return task.result()
+                wait = 0.5
+                try:
+                    await asyncio.wait_for(self.net.p2p.call_protobuf_handler(
+                        PeerID.from_base58(self.peer_id), RPC_INFO, runtime_pb2.ExpertRequest(),
+                        runtime_pb2.ExpertResponse), timeout=min(1.0, max(remaining, 0.05)))
+                except asyncio.TimeoutError:
+                    pass  # a busy peer may answer slowly; the step deadline decides
+                except Exception as e:
+                    raise _PeerFailed(self.peer_id, f"connection lost ({type(e).__name__}: {e})") from e
+        finally:
+            if not task.done():
+                task.cancel()
 
     def close(self) -> None:
         self.queue.put_nowait(None)
@@ -205,7 +237,9 @@ class InferenceSession:
         self.close()
 
     def _open_meta(self) -> Dict[str, Any]:
-        return {"session_id": self.session_id, "max_length": self.max_length, "batch_size": self.batch_size}
+        # each stream has its own id: one peer may serve two hops of a session (e.g. after it moved)
+        return {"session_id": self.session_id[:16] + uuid.uuid4().hex[:16], "max_length": self.max_length,
+                "batch_size": self.batch_size}
 
     async def _chain(self, start: int, end: int, deadline: float) -> List[_HopStream]:
         """Open streams along the best chain of live, unbanned peers for blocks ``[start, end)``; wait for
@@ -217,6 +251,7 @@ class InferenceSession:
             model._unban_restarted(records.values())
             spans = [ServerSpan(r.peer_id, r.start, r.end, r.decode_sps, r.free_cache_tokens)
                      for r in records.values()]
+            random.shuffle(spans)  # equally good chains are picked at random, spreading sessions over replicas
             try:
                 chain = find_chain(spans, start, end, banned=model._banned_ids(),
                                    min_cache_tokens=self.batch_size * self.max_length)
@@ -310,6 +345,9 @@ class InferenceSession:
             )
         out = self.model.net.run(self._step(hidden, attention_mask))
         self.length += q
+        now = time.time()
+        for f in self.failovers:
+            f.setdefault("next_token_at", now)
         return out
 
     def close(self) -> None:
