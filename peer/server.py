@@ -505,4 +505,10 @@ def run_peer(opts: PeerOptions) -> int:
     if opts.num_threads:
         torch.set_num_threads(opts.num_threads)
     start_reaper()  # kills p2pd if this process is SIGKILLed; exits by itself after this process
+    try:
+        import uvloop  # a faster event loop (a hivemind dependency)
+
+        uvloop.install()
+    except ImportError:
+        pass
     return asyncio.run(_serve(opts))

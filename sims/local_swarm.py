@@ -163,14 +163,13 @@ class LocalSwarm:
         return self
 
     def peer_argv(self, i: int, extra: Optional[Sequence[str]] = None) -> List[str]:
-        start, end = self.spans[i]
         if extra is None:
             extra = self.peer_args
             if extra and isinstance(extra[0], (list, tuple)):
                 extra = extra[i] if i < len(extra) else []
-        argv = self._swarm_cmd() + [
-            "peer", "--model", self.model, "--blocks", f"{start}:{end}", "--initial-peers", *self.initial_peers,
-        ]
+        span = self.spans[i]
+        where = ["--num-blocks", str(span)] if isinstance(span, int) else ["--blocks", f"{span[0]}:{span[1]}"]
+        argv = self._swarm_cmd() + ["peer", "--model", self.model, *where, "--initial-peers", *self.initial_peers]
         if self.num_threads:
             argv += ["--num-threads", str(self.num_threads)]
         return argv + list(extra)
@@ -191,9 +190,10 @@ class LocalSwarm:
         self.spans.append(tuple(span))
         return self.start_peer(len(self.spans) - 1, wait=wait)
 
-    def add_peer_with_args(self, span: Tuple[int, int], args: Sequence[str], wait: bool = True) -> _Child:
-        """Start one more peer serving ``span`` with extra ``swarm peer`` options."""
-        self.spans.append(tuple(span))
+    def add_peer_with_args(self, span, args: Sequence[str], wait: bool = True) -> _Child:
+        """Start one more peer serving ``span`` (``(start, end)``, or an int: that many blocks placed by the
+        peer itself) with extra ``swarm peer`` options."""
+        self.spans.append(span if isinstance(span, int) else tuple(span))
         i = len(self.spans) - 1
         child = _Child(f"peer{i}", self.peer_argv(i, args), os.path.join(self.log_dir, f"peer{i}.log"), self.env,
                        "PEER_READY")

@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--throttle", type=float, default=1.0, help=argparse.SUPPRESS)  # testing: run N times slower
     p.add_argument("--crash-at-step", type=int, default=None, help=argparse.SUPPRESS)  # testing: SIGKILL itself
     p.add_argument("--hang-at-step", type=int, default=None, help=argparse.SUPPRESS)  # testing: go silent
-    p.add_argument("--record-ttl", type=float, default=15.0, help="seconds a DHT record lives unless refreshed")
+    p.add_argument("--record-ttl", type=float, default=10.0, help="seconds a DHT record lives unless refreshed")
     p.set_defaults(func=cmd_peer)
 
     p = sub.add_parser("generate", help="generate text through the swarm")

@@ -42,7 +42,12 @@ class _Network:
     def __init__(self, initial_peers: Sequence[str]):
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddrs printed by `swarm dht` or `swarm sim up`")
-        self.loop = asyncio.new_event_loop()
+        try:
+            import uvloop  # a faster event loop (a hivemind dependency)
+
+            self.loop = uvloop.new_event_loop()
+        except ImportError:
+            self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="swarm-network", daemon=True)
         self._thread.start()
         self.p2p: Optional[P2P] = None
@@ -343,7 +348,9 @@ class InferenceSession:
             raise ValueError(
                 f"the session would hold {self.length + q} tokens, more than its max_length of {self.max_length}"
             )
-        out = self.model.net.run(self._step(hidden, attention_mask))
+        device = hidden.device
+        out = self.model.net.run(self._step(hidden.cpu(), None if attention_mask is None else attention_mask.cpu()))
+        out = out.to(device)
         self.length += q
         now = time.time()
         for f in self.failovers:
@@ -372,7 +379,7 @@ class DistributedModelForCausalLM:
     """
 
     def __init__(self, checkpoint: Checkpoint, initial_peers: Sequence[str], *, dtype: str = "auto",
-                 retry_timeout: float = 60.0, min_step_timeout: float = 3.0, step_timeout_factor: float = 20.0,
+                 device: str = "cpu", retry_timeout: float = 60.0, min_step_timeout: float = 3.0, step_timeout_factor: float = 20.0,
                  ban_seconds: float = 30.0):
         self.checkpoint = checkpoint
         self.config = checkpoint.config
@@ -396,9 +403,10 @@ class DistributedModelForCausalLM:
         else:
             head = base.embed_tokens.weight
         meta.lm_head.load_state_dict({"weight": head}, assign=True)
-        self.embed_tokens = base.embed_tokens.to(self.dtype).eval().requires_grad_(False)
-        self.norm = base.norm.to(self.dtype).eval().requires_grad_(False)
-        self.lm_head = meta.lm_head.to(self.dtype).eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.embed_tokens = base.embed_tokens.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.norm = base.norm.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.lm_head = meta.lm_head.to(self.device, self.dtype).eval().requires_grad_(False)
         self.generation_config = _load_generation_config(checkpoint)
         self._start_reaper()
         self.net = _Network(initial_peers)
@@ -467,8 +475,8 @@ class DistributedModelForCausalLM:
         :param attention_mask: ``[batch, tokens]``, 0 for left padding
         :returns: ``[batch, tokens, vocab_size]`` float32 logits
         """
-        hidden = self.embed_tokens(input_ids)
-        mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.long()
+        hidden = self.embed_tokens(input_ids.to(self.device)).cpu()
+        mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.long().cpu()
 
         async def _run(hidden):
             records = {r.peer_id: r for r in await self.net.records(self.model_uid) if r.state == "online"}
@@ -483,8 +491,8 @@ class DistributedModelForCausalLM:
                 hidden = decode_tensor(resp.tensors[0], max_numel=hidden.numel(), ndim=3)
             return hidden
 
-        hidden = self.net.run(_run(hidden), timeout=self.step_timeout * 4)
-        return self.lm_head(self.norm(hidden)).float()
+        hidden = self.net.run(_run(hidden), timeout=self.step_timeout * 4).to(self.device)
+        return self.lm_head(self.norm(hidden)).float().cpu()
 
     __call__ = forward
 
@@ -547,9 +555,9 @@ class DistributedModelForCausalLM:
         next_input, next_mask = input_ids, mask
         try:
             for _ in range(max_new_tokens):
-                hidden = self.embed_tokens(next_input)
+                hidden = self.embed_tokens(next_input.to(self.device))
                 hidden = session.step(hidden, next_mask)
-                logits = self.lm_head(self.norm(hidden[:, -1:]))[:, -1].float()
+                logits = self.lm_head(self.norm(hidden[:, -1:]))[:, -1].float().cpu()
                 scores = processors(sequences, logits) if processors else logits
                 if do_sample:
                     probs = torch.softmax(scores, dim=-1)
