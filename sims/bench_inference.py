@@ -60,11 +60,41 @@ def _measure(generate, prompts, reps):
     return results
 
 
+def _memory_check() -> dict:
+    """RSS of peers holding 4 and 8 of 8 blocks of a wider model (hidden 1024), after a session has used them.
+
+    A peer's RSS is a fixed runtime baseline (Python, torch, transformers, hivemind) plus what its blocks take,
+    so the 4 extra blocks of the 8-block peer cost ``RSS(8 blocks) - RSS(4 blocks)``, which is also what the 4
+    blocks of the 4-block peer cost over the baseline; it is compared with the whole model's weights (blocks,
+    embeddings and LM head)."""
+    import tempfile
+
+    from sims.local_swarm import LocalSwarm
+    from swarm.client import DistributedModelForCausalLM
+    from swarm.default_model import build_model
+
+    path = os.path.join(tempfile.mkdtemp(prefix="bench-mem-"), "wide")
+    build_model(path, num_hidden_layers=8, hidden_size=1024, intermediate_size=2752, num_attention_heads=16,
+                num_key_value_heads=4, vocab_size=32000)
+    # q and o projections, k and v (4 of 16 heads), gate/up/down, two norms; float32
+    per_block = (2 * 1024 * 1024 + 2 * 1024 * 256 + 3 * 1024 * 2752 + 2 * 1024) * 4
+    model_bytes = 8 * per_block + 2 * 32000 * 1024 * 4 + 1024 * 4
+    rss = {}
+    for n in (4, 8):
+        with LocalSwarm(path, spans=[(0, n)] if n == 8 else [(0, 4), (4, 8)]) as swarm:
+            with DistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers) as c:
+                c.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=8)
+            rss[n] = psutil.Process(swarm.peers[0].proc.pid).memory_info().rss
+    cost_4 = rss[8] - rss[4]
+    return {"rss_4": rss[4], "rss_8": rss[8], "cost_4": cost_4, "block_bytes": per_block, "model_bytes": model_bytes}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", default="out/bench_inference.json")
+    parser.add_argument("--skip-memory", action="store_true", help="skip the peer memory check on a wider model")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers import AutoModelForCausalLM
@@ -119,6 +149,7 @@ def main(argv=None) -> int:
         rss_full = psutil.Process(full.proc.pid).memory_info().rss
 
     same = all(torch.equal(local[k]["output"], dist[k]["output"]) for k in prompts)
+    memory = _memory_check() if not args.skip_memory else None
     rows = [
         ("time to first token, batch 1 (s)", "batch1", "ttft_s", False),
         ("decode ms per token, batch 1", "batch1", "decode_ms_per_token", False),
@@ -138,12 +169,19 @@ def main(argv=None) -> int:
     print(f"{'peer RSS, 4 of 8 blocks (MiB)':38s} {'-':>13s} {statistics.mean(rss) * mib:10.0f}")
     print(f"{'peer RSS, 8 of 8 blocks (MiB)':38s} {'-':>13s} {rss_full * mib:10.0f}")
     print(f"{'transformers process RSS (MiB)':38s} {ref_rss * mib:13.0f}")
+    if memory:
+        print(f"memory, on a wider 8-block model ({memory['block_bytes'] * mib:.0f} MiB of weights per block, "
+              f"{memory['model_bytes'] * mib:.0f} MiB in all):")
+        print(f"  peer RSS with 4 blocks {memory['rss_4'] * mib:.0f} MiB, with 8 blocks {memory['rss_8'] * mib:.0f} MiB; "
+              f"4 blocks cost {memory['cost_4'] * mib:.0f} MiB = {memory['cost_4'] / memory['model_bytes']:.2f} of the "
+              f"whole model's weights (target: about 0.5 or less); runtime baseline "
+              f"{(memory['rss_4'] - memory['cost_4']) * mib:.0f} MiB")
     print(f"outputs equal token for token: {same}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     result = {
         "machine": machine, "table": table, "swarm_ready_s": ready, "peer_rss_bytes_4_blocks": rss,
         "peer_rss_bytes_8_blocks": rss_full, "transformers_rss_bytes": ref_rss, "outputs_equal": same,
-        "loadavg_after": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "loadavg_after": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "memory": memory,
     }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
