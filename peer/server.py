@@ -248,11 +248,16 @@ class Peer:
             peer_id=self.peer_id.to_base58(), model=self.model_uid, start=self.start_block, end=self.end_block,
             state=self.state, device=self.opts.device.split(":")[0], device_name=_device_name(self.opts.device),
             dtype=str(self.dtype).replace("torch.", ""), forward_tps=self.forward_tps, decode_sps=self.decode_sps,
-            free_cache_tokens=max(self.opts.max_cache_tokens - self.reserved_tokens, 0) // max(self.end_block - self.start_block, 1),
-            max_cache_tokens=self.opts.max_cache_tokens // max(self.end_block - self.start_block, 1),
+            free_cache_tokens=self.free_cache_tokens(), max_cache_tokens=self.opts.max_cache_tokens,
             block_memory_bytes=block_bytes, cache_memory_bytes=per_token * self.opts.max_cache_tokens,
             addrs=self.maddrs, version=PROTOCOL_VERSION, timestamp=time.time(),
         )
+
+    def free_cache_tokens(self) -> int:
+        """KV-cache tokens (batch x length) a new session over the whole span can still reserve.
+        ``--max-cache-tokens`` is the capacity of each block; a session over k blocks reserves its tokens in each."""
+        n = max(self.end_block - self.start_block, 1)
+        return max(self.opts.max_cache_tokens * n - self.reserved_tokens, 0) // n
 
     async def announce(self) -> bool:
         value = sign_record(self.record(), self.identity)

@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--identity", default=None, help="path of a persistent Ed25519 key (created if missing)")
     p.add_argument("--max-cache-tokens", type=int, default=65536,
-                   help="KV-cache budget: tokens per block summed over all sessions")
+                   help="KV-cache budget of each block: tokens (batch x length) summed over all sessions")
     p.add_argument("--session-timeout", type=float, default=300.0, help="close idle sessions after this many seconds")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--throughput", type=float, default=None, help="announce this per-block throughput, skip measuring")

@@ -275,6 +275,14 @@ class InferenceSession:
             except (NoRouteError, _PeerFailed) as e:
                 if time.monotonic() + delay > deadline:
                     if isinstance(e, NoRouteError):
+                        try:  # served, but without room for this session's KV cache?
+                            find_chain(spans, start, end, banned=model._banned_ids())
+                            raise SwarmError(
+                                f"the peers serving blocks {start}:{end} have too little free KV cache for "
+                                f"{self.batch_size} x {self.max_length} tokens; try a shorter max_length or later"
+                            ) from e
+                        except NoRouteError:
+                            pass
                         raise SwarmError(f"{e} (waited {model.retry_timeout:.0f}s for a peer)") from e
                     raise SwarmError(f"could not build a chain for blocks {start}:{end}: {e}") from e
                 logger.info("no usable chain for blocks %d:%d yet (%s); retrying in %.1fs", start, end, e, delay)

@@ -161,3 +161,31 @@ def verify_ok(value) -> bool:
         return True
     except RecordError:
         return False
+
+
+def test_kv_cache_budget_is_enforced_and_freed(mha_model):
+    with LocalSwarm(mha_model, spans=[(0, 4)], peer_args=["--max-cache-tokens", "64"]) as small:
+        with DistributedModelForCausalLM.from_pretrained(mha_model, initial_peers=small.initial_peers,
+                                                         retry_timeout=2.0) as client:
+            with pytest.raises(SwarmError, match="too little free KV cache"):
+                client.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=100)
+            # the peer itself refuses a session over its budget, whatever the client believes
+            session = client.inference_session(max_length=40)
+            session.hops = client.net.run(session._chain(0, 4, time.monotonic() + 10), timeout=30)
+            session.step(client.embed_tokens(torch.tensor([[1, 2, 3]])))
+            other = client.inference_session(max_length=40)
+            from partitioner.route import Hop
+            from swarm.client import _HopStream
+
+            rec = client.peers()[0]
+            hop = _HopStream(Hop(rec.peer_id, 0, 4), rec)
+            client.net.run(hop.open(client.net, other._open_meta()), timeout=30)
+            with pytest.raises(Exception, match="not enough KV cache"):
+                client.net.run(hop.send(client.embed_tokens(torch.tensor([[1]])), None, 10.0), timeout=30)
+            session.close()
+            deadline = time.time() + 20  # the freed cache shows in the peer's next record
+            while time.time() < deadline and client.peers()[0].free_cache_tokens < 64:
+                time.sleep(0.5)
+            assert client.peers()[0].free_cache_tokens == 64
+            out = client.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=30)
+            assert out.shape == (1, 33)
