@@ -1,0 +1,20 @@
+"""Live routing: the client's chain avoids a slow peer when a faster replica exists."""
+
+import torch
+
+from sims.local_swarm import LocalSwarm
+from swarm.client import DistributedModelForCausalLM
+
+
+def test_throttled_peer_is_avoided(mha_model):
+    spans = [(0, 4), (0, 4)]
+    args = [["--throttle", "20"], []]  # peer 0 runs (and announces) 20x slower
+    with LocalSwarm(mha_model, spans=spans, peer_args=args) as swarm:
+        slow, fast = swarm.peer_id(0), swarm.peer_id(1)
+        with DistributedModelForCausalLM.from_pretrained(mha_model, initial_peers=swarm.initial_peers) as client:
+            speeds = {r.peer_id: r.decode_sps for r in client.peers()}
+            assert speeds[slow] * 10 < speeds[fast]
+            for _ in range(5):  # ties are broken at random, so one lucky pick would not prove anything
+                with client.inference_session(max_length=16) as session:
+                    client.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, session=session)
+                    assert [h.peer_id for h in session.hops] == [fast]
