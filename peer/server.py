@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Dict, List, Optional, Tuple
 
 import torch
-from hivemind.p2p import P2PContext
+from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 
@@ -25,12 +25,13 @@ from protocols import PROTOCOL_VERSION
 from protocols.codec import TensorError, decode_tensor, encode_tensor
 from protocols.identity import Identity
 from protocols.messages import (
-    MAX_BATCH, MAX_REPLAY_CHUNKS, MAX_SESSION_ID, RPC_FORWARD, RPC_INFERENCE, RPC_INFO, ProtocolError, get_int,
+    MAX_BATCH, MAX_PING_BYTES, MAX_REPLAY_CHUNKS, MAX_SESSION_ID, RPC_FORWARD, RPC_INFERENCE, RPC_INFO,
+    RPC_PING, ProtocolError, get_int,
     get_str, pack, unpack,
 )
 from protocols.model_spec import Checkpoint, resolve_dtype
 from protocols.records import PeerRecord, model_key, parse_records, sign_record
-from protocols.transport import create_dht_node, create_p2p
+from protocols.transport import create_dht_node, create_p2p, ensure_connected, measure_link
 
 from peer.backend import SpanBackend, positions_for
 from peer.throughput import measure_throughput
@@ -106,6 +107,7 @@ class Peer:
         self.p2p = self.dht = None
         self._identity_file: Optional[str] = None
         self.steps_received = 0
+        self.network: Dict[str, List[float]] = {}  # peer id -> [rtt_s, bandwidth_bytes_per_s]
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -152,6 +154,7 @@ class Peer:
             self.forward_tps /= opts.throttle
             self.decode_sps /= opts.throttle
         await self.p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, runtime_pb2.ExpertRequest)
+        await self.p2p.add_protobuf_handler(RPC_PING, self.rpc_ping, runtime_pb2.ExpertRequest)
         await self.p2p.add_protobuf_handler(
             RPC_FORWARD, self.rpc_forward, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
         )
@@ -161,6 +164,7 @@ class Peer:
         self.state = "online"
         await self.announce()
         self._tasks.append(asyncio.create_task(self._announce_loop()))
+        self._tasks.append(asyncio.create_task(self._network_loop()))
         if opts.blocks is None:
             self._tasks.append(asyncio.create_task(self._rebalance_loop()))
         logger.info(
@@ -250,7 +254,8 @@ class Peer:
             dtype=str(self.dtype).replace("torch.", ""), forward_tps=self.forward_tps, decode_sps=self.decode_sps,
             free_cache_tokens=self.free_cache_tokens(), max_cache_tokens=self.opts.max_cache_tokens,
             block_memory_bytes=block_bytes, cache_memory_bytes=per_token * self.opts.max_cache_tokens,
-            addrs=self.maddrs, version=PROTOCOL_VERSION, timestamp=time.time(),
+            addrs=self.maddrs, network=dict(list(self.network.items())[:16]), version=PROTOCOL_VERSION,
+            timestamp=time.time(),
         )
 
     def free_cache_tokens(self) -> int:
@@ -297,6 +302,39 @@ class Peer:
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         r = self.record()
         return runtime_pb2.ExpertResponse(metadata=pack(r.to_dict()))
+
+    async def rpc_ping(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        if len(request.metadata) > MAX_PING_BYTES:
+            raise ProtocolError(f"ping payload over {MAX_PING_BYTES} bytes")
+        return runtime_pb2.ExpertResponse(metadata=pack({"bytes": len(request.metadata)}))
+
+    async def _network_loop(self, period: float = 60.0, max_peers: int = 8) -> None:
+        """Measure round-trip time and bandwidth to up to ``max_peers`` other peers of the model, announced in
+        this peer's record (``network``) for the partitioner's cost model."""
+        import random
+
+        await asyncio.sleep(2.0)
+        while True:
+            try:
+                others = [r for r in await self.fetch_records()
+                          if r.peer_id != self.peer_id.to_base58() and r.state == "online"]
+                random.shuffle(others)
+                measured = {}
+                for r in others[:max_peers]:
+                    try:
+                        pid = PeerID.from_base58(r.peer_id)
+                        await ensure_connected(self.p2p, pid, r.addrs)
+                        rtt, bw = await measure_link(self.p2p, pid)
+                        measured[r.peer_id] = [round(rtt, 6), round(bw, 1)]
+                    except Exception as e:
+                        logger.debug("could not measure the link to %s: %s", r.peer_id, e)
+                self.network = measured
+                if measured:
+                    logger.info("measured links to %d peers: median round trip %.1f ms", len(measured),
+                                1000 * sorted(v[0] for v in measured.values())[len(measured) // 2])
+            except Exception as e:
+                logger.warning("network measurement failed: %s", e)
+            await asyncio.sleep(period)
 
     def _check_range(self, meta) -> Tuple[int, int]:
         start = get_int(meta, "start", self.start_block, self.end_block - 1)

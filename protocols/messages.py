@@ -27,6 +27,8 @@ import msgpack
 RPC_INFO = "swarm.info"
 RPC_FORWARD = "swarm.forward"
 RPC_INFERENCE = "swarm.inference"
+RPC_PING = "swarm.ping"  # unary echo of a payload's size: round-trip time and bandwidth probes
+MAX_PING_BYTES = 1 << 20
 
 MAX_METADATA_BYTES = 64 * 1024
 MAX_SESSION_ID = 64

@@ -24,7 +24,7 @@ from hivemind.proto import runtime_pb2
 from partitioner.route import Hop, NoRouteError, ServerSpan, find_chain
 from protocols import PROTOCOL_VERSION
 from protocols.codec import decode_tensor, encode_tensor
-from protocols.messages import RPC_FORWARD, RPC_INFERENCE, RPC_INFO, pack, unpack
+from protocols.messages import RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PING, pack, unpack
 from protocols.model_spec import Checkpoint, build_meta_model, resolve_dtype
 from protocols.records import PeerRecord, model_key, parse_records
 from protocols.transport import create_dht_node, create_p2p, ensure_connected, start_reaper
@@ -53,6 +53,7 @@ class _Network:
         self.p2p: Optional[P2P] = None
         self.dht = None
         self._connected: Dict[str, tuple] = {}
+        self._rtt: Dict[str, tuple] = {}  # peer id -> (measured at, round-trip time in s)
         self.run(self._start(list(initial_peers)), timeout=60)
 
     async def _start(self, initial_peers):
@@ -77,6 +78,28 @@ class _Network:
         if self._connected.get(record.peer_id) != addrs:
             await ensure_connected(self.p2p, PeerID.from_base58(record.peer_id), record.addrs)
             self._connected[record.peer_id] = addrs
+
+    async def rtts(self, records: Sequence[PeerRecord], max_age: float = 60.0) -> Dict[str, Optional[float]]:
+        """Round-trip times to these peers, measured with a ping at most ``max_age`` seconds ago (in parallel,
+        1 s timeout); None for a peer that did not answer."""
+        now = time.time()
+
+        async def one(r):
+            cached = self._rtt.get(r.peer_id)
+            if cached and now - cached[0] < max_age:
+                return
+            try:
+                await asyncio.wait_for(self.connect(r), 1.0)
+                t0 = time.perf_counter()
+                await asyncio.wait_for(self.p2p.call_protobuf_handler(
+                    PeerID.from_base58(r.peer_id), RPC_PING, runtime_pb2.ExpertRequest(),
+                    runtime_pb2.ExpertResponse), 1.0)
+                self._rtt[r.peer_id] = (now, time.perf_counter() - t0)
+            except Exception:
+                self._rtt[r.peer_id] = (now, None)
+
+        await asyncio.gather(*(one(r) for r in records))
+        return {r.peer_id: self._rtt[r.peer_id][1] for r in records}
 
     def shutdown(self):
         async def _stop():
@@ -254,7 +277,13 @@ class InferenceSession:
         while True:
             records = {r.peer_id: r for r in await net.records(model.model_uid) if r.state == "online"}
             model._unban_restarted(records.values())
-            spans = [ServerSpan(r.peer_id, r.start, r.end, r.decode_sps, r.free_cache_tokens)
+            candidates = [r for r in records.values() if r.peer_id not in model._banned_ids()
+                          and r.end > start and r.start < end]
+            rtts = await net.rtts(candidates)
+            for pid, rtt in rtts.items():
+                if rtt is None:
+                    model._ban(pid, "did not answer a ping")
+            spans = [ServerSpan(r.peer_id, r.start, r.end, r.decode_sps, r.free_cache_tokens, rtt=rtts.get(r.peer_id))
                      for r in records.values()]
             random.shuffle(spans)  # equally good chains are picked at random, spreading sessions over replicas
             try:
