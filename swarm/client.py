@@ -180,9 +180,10 @@ class _HopStream:
             raise
         except Exception as e:
             text = str(e)
-            if "max_length" in text:
+            if "more than its max_length" in text:  # the caller's mistake: no other peer would accept it
                 raise SwarmError(text) from e
-            raise _PeerFailed(self.peer_id, text) from e
+            # an idle session closed by the peer is not the peer's fault: reopen it there without a ban
+            raise _PeerFailed(self.peer_id, text, ban="without a request" not in text) from e
         out = decode_tensor(response.tensors[0], max_numel=hidden.numel(), ndim=3)
         if out.shape != hidden.shape:
             raise _PeerFailed(self.peer_id, f"returned shape {list(out.shape)}, expected {list(hidden.shape)}")
@@ -223,8 +224,8 @@ class _HopStream:
 
 
 class _PeerFailed(Exception):
-    def __init__(self, peer_id: str, reason: str):
-        self.peer_id, self.reason = peer_id, reason
+    def __init__(self, peer_id: str, reason: str, ban: bool = True):
+        self.peer_id, self.reason, self.ban = peer_id, reason, ban
         super().__init__(f"peer {peer_id} failed: {reason}")
 
 
@@ -334,7 +335,8 @@ class InferenceSession:
                         inputs = [(o, m) for o, (_, m) in zip(out.split(lengths, dim=1), inputs)]
                 return new_hops
             except _PeerFailed as e:
-                self.model._ban(e.peer_id, e.reason)
+                if e.ban:
+                    self.model._ban(e.peer_id, e.reason)
                 for hop in new_hops:
                     hop.close()
                 if time.monotonic() > deadline:
@@ -354,7 +356,8 @@ class InferenceSession:
                 out = await hop.send(hidden, mask, timeout, {"step": self.length})
             except _PeerFailed as e:
                 failed_at = time.time()
-                self.model._ban(e.peer_id, e.reason)
+                if e.ban:
+                    self.model._ban(e.peer_id, e.reason)
                 hop.close()
                 logger.warning("session %s: %s; replacing blocks %d:%d", self.session_id[:8], e,
                                hop.hop.start, hop.hop.end)

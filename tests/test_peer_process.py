@@ -189,3 +189,24 @@ def test_kv_cache_budget_is_enforced_and_freed(mha_model):
             assert client.peers()[0].free_cache_tokens == 64
             out = client.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=30)
             assert out.shape == (1, 33)
+
+
+def test_idle_session_times_out_and_frees_its_cache(mha_model):
+    with LocalSwarm(mha_model, spans=[(0, 4)], peer_args=["--max-cache-tokens", "64", "--session-timeout", "2"]) as s:
+        with DistributedModelForCausalLM.from_pretrained(mha_model, initial_peers=s.initial_peers) as client:
+            session = client.inference_session(max_length=60)
+            first = session.step(client.embed_tokens(torch.tensor([[1, 2, 3]])))
+            deadline = time.time() + 8
+            while time.time() < deadline and client.peers()[0].free_cache_tokens == 64:
+                time.sleep(0.3)  # the reservation is visible in the record...
+            deadline = time.time() + 15
+            while time.time() < deadline and client.peers()[0].free_cache_tokens < 64:
+                time.sleep(0.3)  # ...and released after 2 s without a request
+            assert client.peers()[0].free_cache_tokens == 64
+            # the client notices the closed stream and rebuilds the session by replay: same result
+            second = session.step(client.embed_tokens(torch.tensor([[4]])))
+            assert session.failovers and session.length == 4
+            with client.inference_session(max_length=60) as fresh:
+                fresh.step(client.embed_tokens(torch.tensor([[1, 2, 3]])))
+                torch.testing.assert_close(fresh.step(client.embed_tokens(torch.tensor([[4]]))), second, rtol=0, atol=0)
+            session.close()
