@@ -119,6 +119,12 @@ class Peer:
         opts = self.opts
         if not opts.initial_peers and not opts.new_swarm:
             raise ValueError("give --initial-peers to join a swarm, or --new-swarm to start one")
+        total = self.checkpoint.num_blocks
+        if opts.blocks is not None and not 0 <= opts.blocks[0] < opts.blocks[1] <= total:
+            raise ValueError(f"--blocks {opts.blocks[0]}:{opts.blocks[1]} is outside the model's {total} blocks "
+                             f"(0:{total})")
+        if opts.num_blocks is not None and not 1 <= opts.num_blocks <= total:
+            raise ValueError(f"--num-blocks {opts.num_blocks} must be between 1 and the model's {total} blocks")
         identity_path = opts.identity_path
         if identity_path is None:
             import tempfile
@@ -127,13 +133,15 @@ class Peer:
             os.close(fd)
             self.identity.save(identity_path)
             self._identity_file = identity_path
-        self.p2p = await create_p2p(
-            host_maddrs=opts.host_maddrs, announce_maddrs=opts.announce_maddrs, initial_peers=opts.initial_peers,
-            identity_path=identity_path,
-        )
-        if self._identity_file:
-            os.unlink(self._identity_file)
-            self._identity_file = None
+        try:
+            self.p2p = await create_p2p(
+                host_maddrs=opts.host_maddrs, announce_maddrs=opts.announce_maddrs,
+                initial_peers=opts.initial_peers, identity_path=identity_path,
+            )
+        finally:
+            if self._identity_file:  # the daemon has read it; a key made for this run leaves no file behind
+                os.unlink(self._identity_file)
+                self._identity_file = None
         self.dht = await create_dht_node(self.p2p, opts.initial_peers)
         self.maddrs = [str(m) for m in await self.p2p.get_visible_maddrs()]
         self.start_block, self.end_block = await self._choose_span()
@@ -281,20 +289,27 @@ class Peer:
 
     async def shutdown(self) -> None:
         """Announce offline, end every session with a 'moved' error, and stop the transport."""
+        if self.p2p is None:  # never joined: nothing to undo
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            return
         logger.info("peer %s leaving: announcing offline and closing %d sessions", self.peer_id, len(self.sessions))
         self.state = "offline"
         self.leaving.set()
         for t in self._tasks:
             t.cancel()
+        # every step is bounded: if the libp2p daemon is already gone (a signal to the whole process group),
+        # calls into it would wait forever
         if self.dht is not None:
             try:
                 await asyncio.wait_for(self.announce(), timeout=5)
             except Exception as e:
-                logger.warning("could not announce offline: %s", e)
+                logger.warning("could not announce offline: %s", e or type(e).__name__)
             await asyncio.sleep(0.2)  # let handlers send their errors
-            await self.dht.shutdown()
+            await _bounded(self.dht.shutdown(), 5, "DHT shutdown")
         if self.p2p is not None:
-            await self.p2p.shutdown()
+            await _bounded(self.p2p.shutdown(), 5, "libp2p daemon shutdown")
+        if self._identity_file and os.path.exists(self._identity_file):
+            os.unlink(self._identity_file)
         self.pool.shutdown(wait=False, cancel_futures=True)
         logger.info("peer %s stopped", self.peer_id)
 
@@ -518,6 +533,13 @@ class Peer:
             self._close_session(session)
 
 
+async def _bounded(coro, timeout: float, what: str) -> None:
+    try:
+        await asyncio.wait_for(coro, timeout)
+    except Exception as e:
+        logger.warning("%s did not finish cleanly: %s", what, e or type(e).__name__)
+
+
 def _device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
@@ -530,7 +552,7 @@ async def _serve(opts: PeerOptions) -> int:
     peer = Peer(opts)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     try:
         await peer.start()

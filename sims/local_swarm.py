@@ -55,16 +55,21 @@ class _Child:
             start_new_session=True, text=True, bufsize=1,
         )
         self._marker = ready_marker
+        self._log_lock = threading.Lock()
         self._thread = threading.Thread(target=self._pump, daemon=True)
         self._thread.start()
 
     def _pump(self):
-        for line in self.proc.stdout:
-            self.log.write(line)
-            if self._marker and line.startswith(self._marker) and not self.ready.is_set():
-                self.ready_line = line.strip()
-                self.ready.set()
-        self.log.flush()
+        try:
+            for line in self.proc.stdout:
+                with self._log_lock:
+                    if not self.log.closed:
+                        self.log.write(line)
+                if self._marker and line.startswith(self._marker) and not self.ready.is_set():
+                    self.ready_line = line.strip()
+                    self.ready.set()
+        except (OSError, ValueError):  # the pipe or the log was closed under us: the child is being stopped
+            pass
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -96,9 +101,18 @@ class _Child:
                 k.kill()
             except psutil.Error:
                 pass
-        self._thread.join(timeout=2)
-        self.log.close()
+        self._thread.join(timeout=5)
+        with self._log_lock:
+            self.log.close()
         return self.proc.returncode
+
+
+_REAPER = []
+
+
+def _ensure_reaper(start_reaper) -> None:
+    if not _REAPER:
+        _REAPER.append(start_reaper())
 
 
 class LocalSwarm:
@@ -108,7 +122,8 @@ class LocalSwarm:
     :param num_peers: peers to start
     :param spans: explicit ``(start, end)`` per peer (default :func:`default_spans`)
     :param peer_args: extra ``swarm peer`` options for every peer (or a list of lists, one per peer)
-    :param log_dir: where each process's log goes (default: a new temporary folder)
+    :param log_dir: where each process's log goes (default: a new temporary folder, removed at stop unless
+        ``keep_logs``)
     """
 
     def __init__(
@@ -123,6 +138,7 @@ class LocalSwarm:
         env: Optional[Dict[str, str]] = None,
         ready_timeout: float = 120.0,
         num_threads: Optional[int] = 1,
+        keep_logs: bool = False,
     ):
         from protocols.model_spec import Checkpoint
 
@@ -130,6 +146,7 @@ class LocalSwarm:
         self.num_blocks = Checkpoint(model).num_blocks
         self.spans = list(spans) if spans is not None else default_spans(self.num_blocks, num_peers, blocks_per_peer)
         self.peer_args = peer_args
+        self._own_log_dir = log_dir is None and not keep_logs
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="swarm-sim-")
         self.env = dict(os.environ, **(env or {}))
         self.env.setdefault("PYTHONUNBUFFERED", "1")
@@ -148,6 +165,9 @@ class LocalSwarm:
 
         :raises RuntimeError: if a process dies or the swarm is not ready within ``ready_timeout`` seconds
         """
+        from protocols.transport import start_reaper
+
+        _ensure_reaper(start_reaper)  # if this process is SIGKILLed, its peers go with it
         t0 = time.perf_counter()
         try:
             self.dht = _Child("dht", self._swarm_cmd() + ["dht"], os.path.join(self.log_dir, "dht.log"), self.env, "DHT_READY")
@@ -226,6 +246,10 @@ class LocalSwarm:
             t.join()
         if self.dht is not None:
             self.dht.stop()
+        if self._own_log_dir:
+            import shutil
+
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def __enter__(self) -> "LocalSwarm":
         return self.start()
@@ -238,9 +262,10 @@ def run_sim_up(model: str, num_peers: int, blocks_per_peer: Optional[int] = None
                extra_peer_args: Sequence[str] = ()) -> int:
     """``swarm sim up``: start a local swarm, print its address, run until Ctrl-C or SIGTERM."""
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
-    swarm = LocalSwarm(model, num_peers, blocks_per_peer=blocks_per_peer, peer_args=list(extra_peer_args))
+    swarm = LocalSwarm(model, num_peers, blocks_per_peer=blocks_per_peer, peer_args=list(extra_peer_args),
+                       keep_logs=True)
     print(f"starting a bootstrap node and {num_peers} peers on {host} (logs in {swarm.log_dir})", flush=True)
     try:
         swarm.start()

@@ -14,6 +14,7 @@ from typing import List, Optional
 
 
 def _setup_logging(level: str = "INFO") -> None:
+    os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")  # hivemind's own handler; our logs say what happens
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -61,11 +62,14 @@ def cmd_dht(args) -> int:
         print("DHT_READY " + " ".join(maddrs), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        await node.shutdown()
-        await p2p.shutdown()
+        for what in (node.shutdown(), p2p.shutdown()):  # bounded: the daemon may already be gone
+            try:
+                await asyncio.wait_for(what, 5)
+            except Exception:
+                pass
         return 0
 
     return asyncio.run(main())
@@ -88,13 +92,32 @@ def cmd_peer(args) -> int:
         )
         return run_peer(opts)
     except (PortInUseError, ModelSpecError, ValueError) as e:
-        logging.getLogger("peer").error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
 # ------------------------------------------------------------------------------------------------ generate
 def cmd_generate(args) -> int:
+    """``swarm generate``: errors are one line on stderr and exit code 2; Ctrl-C exits 130 quietly."""
+    from hivemind.p2p.p2p_daemon_bindings.control import P2PDaemonError
+
+    from protocols.model_spec import ModelSpecError
+    from swarm.client import SwarmError
+
+    try:
+        return _generate(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except P2PDaemonError as e:
+        print(f"\nerror: cannot reach the swarm at {' '.join(args.initial_peers)}: {e}", file=sys.stderr)
+        return 2
+    except (SwarmError, ModelSpecError, ValueError) as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
+
+
+def _generate(args) -> int:
     import torch
     from transformers import AutoTokenizer
 
@@ -106,12 +129,24 @@ def cmd_generate(args) -> int:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     prompts = args.prompt
+    if any(not p for p in prompts):
+        raise ValueError("--prompt must not be empty")
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be at least 1")
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    from transformers import AutoConfig
+
+    limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    if limit and enc["input_ids"].shape[1] + args.max_new_tokens > limit:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} plus the {enc['input_ids'].shape[1]}-token prompt "
+                         f"is over the model's limit of {limit} tokens")
     gen = None
     if args.seed is not None:
         torch.manual_seed(args.seed)
         gen = torch.Generator().manual_seed(args.seed)
     do_sample = not args.greedy and (args.temperature is not None or args.top_k is not None or args.top_p is not None)
+    if args.temperature is not None and args.temperature <= 0:
+        do_sample = False  # temperature 0 means greedy decoding
     model = DistributedModelForCausalLM.from_pretrained(model_path, initial_peers=args.initial_peers)
     streamer = None
     if not args.json and len(prompts) == 1:
@@ -218,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--peer-args", nargs=argparse.REMAINDER, help="extra options for every peer")
     up.set_defaults(func=cmd_sim)
+    from swarm.train_cli import register as register_train
+    register_train(sub)
     return parser
 
 

@@ -315,7 +315,9 @@ class InferenceSession:
                             pass
                         raise SwarmError(f"{e} (waited {model.retry_timeout:.0f}s for a peer)") from e
                     raise SwarmError(f"could not build a chain for blocks {start}:{end}: {e}") from e
-                logger.info("no usable chain for blocks %d:%d yet (%s); retrying in %.1fs", start, end, e, delay)
+                log = logger.info if delay <= 0.2 else logger.debug  # say it once, not every retry
+                log("no usable chain for blocks %d:%d yet (%s); retrying until %.0fs have passed", start, end, e,
+                    model.retry_timeout)
                 await asyncio.sleep(delay)
                 delay = min(delay * 1.5, 2.0)
 
@@ -566,8 +568,8 @@ class DistributedModelForCausalLM:
         :raises ValueError: if the prompt plus ``max_new_tokens`` is longer than the session's max_length
         :raises SwarmError: if the swarm cannot serve the request
         """
-        if input_ids.ndim != 2:
-            raise ValueError("input_ids must be [batch, tokens]")
+        if input_ids.ndim != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must be [batch >= 1, tokens >= 1], got shape {list(input_ids.shape)}")
         batch, prompt_len = input_ids.shape
         gc = self.generation_config
         eos = eos_token_id if eos_token_id is not None else gc.get("eos_token_id")

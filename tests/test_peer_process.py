@@ -210,3 +210,34 @@ def test_idle_session_times_out_and_frees_its_cache(mha_model):
                 fresh.step(client.embed_tokens(torch.tensor([[1, 2, 3]])))
                 torch.testing.assert_close(fresh.step(client.embed_tokens(torch.tensor([[4]]))), second, rtol=0, atol=0)
             session.close()
+
+
+def test_sigterm_to_the_whole_process_group_exits(mha_model):
+    """`timeout`, `kill -- -PGID` and service managers signal the libp2p daemon too; the peer must still exit."""
+    proc = subprocess.Popen(_swarm_cmd("peer", "--model", mha_model, "--new-swarm", "--blocks", "0:4"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("PEER_READY"):
+                break
+        children = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.time() + 5
+    while _alive(children) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(children)
+
+
+def test_bad_options_fail_before_joining(mha_model):
+    for args, text in ((["--blocks", "3:2"], "3:2"), (["--num-blocks", "0"], "--num-blocks 0"),
+                       (["--num-blocks", "9"], "--num-blocks 9")):
+        t0 = time.time()
+        proc = subprocess.run(_swarm_cmd("peer", "--model", mha_model, "--new-swarm", *args),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and text in proc.stderr
+        assert proc.stderr.count("error:") == 1
+        assert "leaving" not in proc.stderr + proc.stdout
