@@ -1,4 +1,9 @@
-"""Route selection: the chain of peers a client's request goes through."""
+"""Route selection: the chain of peers a client's request goes through.
+
+Interactive generation takes the lowest-latency chain with KV-cache room (:func:`find_chain`, Dijkstra over block
+boundaries with the per-hop model of Petals); independent requests are spread over the chains of the max-flow
+solution in proportion to their flow (:class:`FlowRouter`, after Helix), so peers' time is used where it is scarce.
+"""
 
 from __future__ import annotations
 
@@ -104,3 +109,59 @@ def find_chain(
         chain.append(Hop(s.peer_id, a, b))
         b = a
     return chain[::-1]
+
+
+class FlowRouter:
+    """Spreads independent requests over chains in proportion to their flow (tokens/s).
+
+    Smooth weighted round-robin (the nginx upstream rule): each pick adds every chain's weight to its credit and
+    takes the chain with the most credit, which then pays the total weight. Over any window of picks each chain's
+    share is within one pick of its weight's share, so the load each peer sees matches the flow
+    :func:`partitioner.flow.max_flow` planned for it.
+
+    :param chains: ``(rate, hops)`` pairs, e.g. from :func:`partitioner.flow.decompose`
+    """
+
+    def __init__(self, chains: Sequence[Tuple[float, Sequence[Hop]]]):
+        self.chains = [(float(r), list(h)) for r, h in chains if r > 0 and h]
+        self.total = sum(r for r, _ in self.chains)
+        self._credit = [0.0] * len(self.chains)
+
+    def __len__(self) -> int:
+        return len(self.chains)
+
+    def pick(self, banned: Collection[str] = ()) -> List[Hop]:
+        """The chain for the next request; chains through ``banned`` peers are skipped.
+
+        :raises NoRouteError: if no chain avoids the banned peers
+        """
+        best, best_credit = -1, float("-inf")
+        total = 0.0
+        for i, (rate, hops) in enumerate(self.chains):
+            if banned and any(h.peer_id in banned for h in hops):
+                continue
+            self._credit[i] += rate
+            total += rate
+            if self._credit[i] > best_credit:
+                best, best_credit = i, self._credit[i]
+        if best < 0:
+            raise NoRouteError([])
+        self._credit[best] -= total
+        return list(self.chains[best][1])
+
+    @classmethod
+    def from_spans(cls, spans: Sequence[ServerSpan], num_blocks: int,
+                   network_tps: Optional[Dict[str, float]] = None) -> "FlowRouter":
+        """Solve the max-flow over the live peers (``decode_sps`` read as tokens/s through one block of the span;
+        ``network_tps[peer_id]`` tokens/s into the span, unlimited if absent) and route by its chains.
+
+        :raises NoRouteError: naming the blocks no peer serves
+        """
+        from .flow import PlacedPeer, decompose, max_flow, uncovered_blocks
+
+        missing = uncovered_blocks([(s.start, s.end) for s in spans], num_blocks)
+        if missing:
+            raise NoRouteError(missing)
+        net = network_tps or {}
+        placed = [PlacedPeer(s.peer_id, s.start, s.end, s.decode_sps, net.get(s.peer_id, 1e12)) for s in spans]
+        return cls(decompose(max_flow(placed, num_blocks)))

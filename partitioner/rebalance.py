@@ -1,0 +1,216 @@
+"""Rebalancing a running swarm: which peers should move where, in what order.
+
+Algorithm (ours): a sequence of single-peer moves, each the best move :func:`partitioner.placement.best_move` finds
+for one peer with the rest fixed, on the even-spread supply profile against the target ``upper_bound`` of the
+peers present (:mod:`partitioner.bound`). Peers sitting on the most over-supplied blocks are considered first. A
+move is kept only if
+
+* no block is unserved in any intermediate step: the peer's old span stays served by other peers while it
+  reloads, or, if it alone serves some of them, it grows to the hull of its old and new spans first (when that
+  fits its memory) and drops the old blocks after (make before break); moves run one after another, and
+  :func:`check_plan` replays the plan's states, and
+* it fills blocks nobody serves, or its score (``L x`` the rise of the weakest block plus the cut in the deficit
+  below the target, block-tokens/s) is at least ``min_gain`` of the peer's own best work (hysteresis: small wins
+  do not move a peer, so a swarm does not churn, the Petals reports of servers endlessly reloading blocks).
+
+Planning stops once the weakest block reaches ``settle`` of the target, when no move passes, or when
+``max_moves`` peers have moved (each peer moves at most once per plan). This is the greedy improvement that
+Petals' rebalancing also uses, with three changes: the objective is the max-flow-friendly profile against the
+upper bound rather than the weakest block alone, moves are planned globally in a safe order rather than by each
+server on a timer, and the move budget and gain thresholds are explicit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .bound import upper_bound
+from .cost import ModelSpec, PeerSpec, work_curve
+from .placement import Placement, apply_move, best_move, supply_profile
+
+
+@dataclass(frozen=True)
+class Move:
+    """``peer_id`` goes from blocks ``old`` (start, end) to ``new``.
+
+    Without ``via`` the peer unloads ``old`` and loads ``new`` (others serve ``old`` meanwhile). With ``via`` (the
+    hull of both spans, which fits its memory) it first loads the blocks of ``via`` it lacks while still serving
+    ``old``, then serves ``new`` and drops the rest: make before break, for a peer that alone serves some blocks.
+    """
+
+    peer_id: str
+    old: Tuple[int, int]
+    new: Tuple[int, int]
+    via: Optional[Tuple[int, int]] = None
+
+
+@dataclass
+class RebalancePlan:
+    """Moves to run in order, and the weakest block's even-spread supply (tokens/s) before and after."""
+
+    moves: List[Move] = field(default_factory=list)
+    min_before: float = 0.0
+    min_after: float = 0.0
+    target: float = 0.0
+
+    def apply(self, placement: Placement) -> Placement:
+        """The placement after every move."""
+        out = dict(placement)
+        for m in self.moves:
+            out[m.peer_id] = m.new
+        return out
+
+    def intermediate_states(self, placement: Placement):
+        """Yield each state a swarm goes through: while a peer reloads it serves neither span, then its new one."""
+        cur = dict(placement)
+        for m in self.moves:
+            if m.via is None:
+                yield {pid: span for pid, span in cur.items() if pid != m.peer_id}  # reloading: serves nothing
+            else:
+                yield dict(cur)  # loading the rest of ``via`` while serving ``old``
+            cur[m.peer_id] = m.new
+            yield dict(cur)
+
+
+def unserved_blocks(placement: Placement, num_blocks: int) -> List[int]:
+    """Blocks no span of ``placement`` holds."""
+    count = supply_profile(num_blocks, [(s, e, 1.0) for s, e in placement.values()])
+    return [int(b) for b in np.flatnonzero(count <= 0)]
+
+
+def plan_rebalance(peers: Sequence[PeerSpec], model: ModelSpec, placement: Placement, *,
+                   max_moves: Optional[int] = None, max_move_fraction: float = 0.3, min_gain: float = 0.1,
+                   settle: float = 0.97, evaluate: Optional[Callable[[Placement], float]] = None,
+                   shortlist: int = 12) -> RebalancePlan:
+    """A rebalancing plan for the peers present (see the module docstring).
+
+    Moves are chosen by lazy greedy: every peer's best move is scored once, as
+    ``L x (rise of the weakest block) + (cut in the deficit below the target)`` [tokens/s x blocks]; the top peer is
+    re-scored against the current state and moved if it still beats the next one, else pushed back.
+
+    :param peers: the peers now in the swarm; ``placement`` maps each to its current ``(start, end)``
+    :param max_moves: most peers to move (default ``max_move_fraction`` of the peers, at least 1)
+    :param min_gain: hysteresis: a move must score at least ``min_gain`` x the peer's own best work (put that
+        share of what it can do to better use), unless it serves a block nobody serves
+    :param settle: stop once every block is served and the weakest has this fraction of the target
+    :param evaluate: optional throughput of a placement (e.g. the max-flow evaluator, for small swarms): then each
+        step scores the ``shortlist`` best moves by the profile with it and takes the best; a move must raise it by
+        ``min_gain`` x the peer's best work / ``L`` (the same hysteresis in tokens/s), unless it fills a gap
+    """
+    import heapq
+
+    L = model.num_blocks
+    peers = [p for p in peers if p.peer_id in placement]
+    if max_moves is None:
+        max_moves = max(1, int(max_move_fraction * len(peers)))
+    curves = {p.peer_id: work_curve(p, model) for p in peers}
+    target = upper_bound(peers, model)
+    cur = {p.peer_id: placement[p.peer_id] for p in peers if len(curves[p.peer_id])}
+    h_of = {pid: float(curves[pid][min(e - s, len(curves[pid])) - 1]) / (e - s) for pid, (s, e) in cur.items()}
+    prof = supply_profile(L, [(s, e, h_of[pid]) for pid, (s, e) in cur.items()])
+    count = supply_profile(L, [(s, e, 1.0) for s, e in cur.values()])
+    plan = RebalancePlan(min_before=float(prof.min()), target=target)
+    if target <= 0:
+        return plan
+
+    def settled() -> bool:
+        return bool(prof.min() >= settle * target and (count > 0).all())
+
+    def score(pid: str) -> Tuple[float, int, int, bool]:
+        old_min, old_def, new_min, new_def, s, k = best_move(pid, cur, prof, count, curves, h_of, target,
+                                                             strict_cover=True)
+        if (s, s + k) == cur[pid]:
+            return 0.0, s, k, False
+        fills = bool((count[s:s + k] <= 0).any())
+        return L * (new_min - old_min) + (old_def - new_def), s, k, fills
+
+    if evaluate is not None:
+        return _plan_with_evaluator(plan, cur, curves, prof, count, h_of, target, L, max_moves, min_gain, settle,
+                                    evaluate, shortlist)
+    heap = []
+    for pid in cur:
+        g, _, _, fills = score(pid)
+        if g > 0 or fills:
+            heapq.heappush(heap, (-(g + (1e30 if fills else 0.0)), pid))
+    moved: set = set()
+    while heap and len(plan.moves) < max_moves and not settled():
+        _, pid = heapq.heappop(heap)
+        if pid in moved:
+            continue
+        g, s, k, fills = score(pid)
+        key = -(g + (1e30 if fills else 0.0))
+        if heap and key > heap[0][0] + 1e-12:
+            if g > 0 or fills:
+                heapq.heappush(heap, (key, pid))
+            continue
+        if not fills and g < min_gain * float(curves[pid].max()):
+            continue
+        old = cur[pid]
+        c_old = count.copy()
+        c_old[old[0]:old[1]] -= 1
+        alone = bool(((c_old <= 0) & (count > 0))[old[0]:old[1]].any())
+        via = (min(old[0], s), max(old[1], s + k)) if alone else None
+        apply_move(pid, s, k, cur, prof, count, curves, h_of)
+        plan.moves.append(Move(pid, old, (s, s + k), via))
+        moved.add(pid)
+    plan.min_after = float(prof.min())
+    return plan
+
+
+def check_plan(placement: Placement, plan: RebalancePlan, num_blocks: int) -> List[int]:
+    """Blocks left unserved by some intermediate step of ``plan`` that were served before it started
+    (empty when the plan is safe)."""
+    before = set(range(num_blocks)) - set(unserved_blocks(placement, num_blocks))
+    bad: set = set()
+    for state in plan.intermediate_states(placement):
+        bad |= before & set(unserved_blocks(state, num_blocks))
+    return sorted(bad)
+
+
+def _plan_with_evaluator(plan: RebalancePlan, cur: Placement, curves: Dict[str, np.ndarray], prof: np.ndarray,
+                         count: np.ndarray, h_of: Dict[str, float], target: float, L: int, max_moves: int,
+                         min_gain: float, settle: float, evaluate: Callable[[Placement], float],
+                         shortlist: int) -> RebalancePlan:
+    moved: set = set()
+    value = evaluate(cur)
+    while len(plan.moves) < max_moves:
+        if prof.min() >= settle * target and (count > 0).all():
+            break
+        options = []
+        for pid in cur:
+            if pid in moved:
+                continue
+            old_min, old_def, new_min, new_def, s, k = best_move(pid, cur, prof, count, curves, h_of, target,
+                                                                 strict_cover=True)
+            if (s, s + k) == cur[pid]:
+                continue
+            fills = bool((count[s:s + k] <= 0).any())
+            options.append((fills, L * (new_min - old_min) + (old_def - new_def), pid, s, k))
+        if not options:
+            break
+        options.sort(key=lambda o: (not o[0], -o[1]))
+        best = None
+        for fills, _, pid, s, k in options[:shortlist]:
+            trial = dict(cur)
+            trial[pid] = (s, s + k)
+            v = evaluate(trial)
+            need = 0.0 if fills else min_gain * float(curves[pid].max()) / L
+            if v - value >= need and (best is None or v > best[0]):
+                best = (v, pid, s, k)
+        if best is None:
+            break
+        v, pid, s, k = best
+        old = cur[pid]
+        c_old = count.copy()
+        c_old[old[0]:old[1]] -= 1
+        alone = bool(((c_old <= 0) & (count > 0))[old[0]:old[1]].any())
+        via = (min(old[0], s), max(old[1], s + k)) if alone else None
+        apply_move(pid, s, k, cur, prof, count, curves, h_of)
+        plan.moves.append(Move(pid, old, (s, s + k), via))
+        moved.add(pid)
+        value = v
+    plan.min_after = float(prof.min())
+    return plan

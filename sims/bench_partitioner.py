@@ -1,0 +1,258 @@
+"""Benchmark of the partitioner against the Petals baseline and the upper bound: ``python -m sims.bench_partitioner``.
+
+Prints one table and writes ``out/bench_partitioner.json`` and ``out/partitioner_churn.png``.
+
+* served throughput: random heterogeneous swarms (:mod:`sims.scale.swarmgen`, 32–80 blocks) of 4 to 10,000
+  peers, each placed and routed by ours and by Petals' rules, as fractions of the upper bound
+  (:func:`partitioner.bound.upper_bound`): medians and 10th percentiles, and the ratio ours / Petals per swarm;
+* rebalancing: 20% of the peers (at least one) leave at random; our plan's result as a fraction of the new bound,
+  the share of remaining peers it moves, and whether any intermediate step leaves a block unserved; Petals'
+  rebalancing on its own placement for comparison;
+* timing: a joining peer's span in a 10,000-peer swarm, a rebalancing plan and a fresh placement for 1,000 peers;
+* churn: served throughput over an hour of peers joining and leaving (the PNG).
+
+``--quick`` runs fewer swarms (a couple of minutes). Nothing here is tuned to the printed targets: each figure is
+computed from the simulated swarms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Dict, List
+
+import numpy as np
+
+from partitioner.bound import upper_bound
+from partitioner.cost import work_curve
+from partitioner.petals import petals_rebalance
+from partitioner.placement import choose_span_for, plan_placement
+from partitioner.rebalance import check_plan, plan_rebalance, unserved_blocks
+from sims.scale.sim import (
+    evaluate_swarm, ours_throughput, petals_throughput_served, plot_churn, run_churn,
+)
+from sims.scale.swarmgen import make_peer, make_swarm
+
+SIZES = [4, 8, 20, 100, 1000, 10000]
+FULL_COUNTS = {4: 100, 8: 100, 20: 100, 100: 100, 1000: 10, 10000: 2}
+QUICK_COUNTS = {4: 20, 8: 20, 20: 20, 100: 8, 1000: 2, 10000: 1}
+REBALANCE_MAX = 1000  # rebalancing is measured up to this size (each state costs a max-flow LP)
+PETALS_FLOW_EXACT_MAX = 1000  # Petals' placement under our routing: LP up to here, even-spread routing above
+
+
+def _pct(values, q):
+    return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+def static_and_rebalance(size: int, count: int, seed: int, petals_rebalance_max: int) -> Dict:
+    rng = np.random.default_rng(seed * 1_000_003 + size)
+    exact = True
+    rows, reb = [], []
+    t0 = time.time()
+    for _ in range(count):
+        swarm = make_swarm(rng, size)
+        model = swarm.model
+        r = evaluate_swarm(swarm, rng, exact, exact_petals_flow=size <= PETALS_FLOW_EXACT_MAX)
+        rows.append(dict(bound=r.bound, ours=r.ours, petals=r.petals, petals_flow=r.petals_flow, L=model.num_blocks))
+        # rebalancing after 20% leave (our placement and Petals' own), same leavers for both
+        if size > REBALANCE_MAX:
+            continue
+        ours_pl = r.ours_placement
+        n_leave = max(1, int(round(0.2 * size)))
+        leave = set(str(swarm.peers[i].peer_id) for i in rng.choice(size, n_leave, replace=False))
+        keep = [p for p in swarm.peers if p.peer_id not in leave]
+        new_bound = upper_bound(keep, model)
+        if new_bound <= 0:
+            reb.append(dict(coverable=False))
+            continue
+        rest = {p.peer_id: ours_pl[p.peer_id] for p in keep}
+        before = ours_throughput(keep, model, rest, exact)
+        t = time.time()
+        # small swarms: the plan scores its candidate moves with the max-flow evaluator
+        ev = (lambda pl, keep=keep: ours_throughput(keep, model, pl, True)) if size <= 20 else None
+        plan = plan_rebalance(keep, model, rest, evaluate=ev)
+        plan_s = time.time() - t
+        after_pl = plan.apply(rest)
+        after = ours_throughput(keep, model, after_pl, exact)
+        unsafe = check_plan(rest, plan, model.num_blocks)
+        row = dict(coverable=True, new_bound=new_bound, before=before, after=after, moved=len(plan.moves),
+                   remaining=len(keep), unsafe_blocks=len(unsafe), plan_s=plan_s)
+        if size <= petals_rebalance_max:
+            pp = r.petals_placement
+            prest = {p.peer_id: pp[p.peer_id] for p in keep}
+            p_before = petals_throughput_served(keep, model, prest)
+            specs = {p.peer_id: p for p in keep}
+            pre_gaps = set(unserved_blocks(prest, model.num_blocks))
+            cur = dict(prest)
+            p_unsafe = 0
+            moves = petals_rebalance(model, cur, specs, rng)
+            # replay Petals' moves to count intermediate states with newly unserved blocks
+            replay = dict(prest)
+            for m in moves:
+                reloading = {q: s for q, s in replay.items() if q != m.peer_id}
+                if set(unserved_blocks(reloading, model.num_blocks)) - pre_gaps:
+                    p_unsafe += 1
+                replay[m.peer_id] = m.new
+            row.update(petals_before=p_before, petals_after=petals_throughput_served(keep, model, cur),
+                       petals_moved=len(set(m.peer_id for m in moves)), petals_unsafe_steps=p_unsafe)
+        reb.append(row)
+    return dict(size=size, count=count, exact=exact, rows=rows, rebalance=reb, seconds=time.time() - t0)
+
+
+def summarize(res: Dict) -> Dict:
+    rows = [r for r in res["rows"] if r["bound"] > 0]
+    ours = np.array([r["ours"] / r["bound"] for r in rows])
+    pet = np.array([r["petals"] / r["bound"] for r in rows])
+    pflow = np.array([r["petals_flow"] / r["bound"] for r in rows])
+    ratio = np.array([r["ours"] / max(r["petals"], 1e-12) for r in rows])
+    reb = [r for r in res["rebalance"] if r.get("coverable")]
+    out = dict(
+        size=res["size"], swarms=len(rows), exact=res["exact"],
+        ours_med=float(np.median(ours)), ours_p10=_pct(ours, 10),
+        petals_med=float(np.median(pet)), petals_p10=_pct(pet, 10),
+        petals_flow_med=float(np.median(pflow)),
+        ratio_med=float(np.median(ratio)), ratio_p10=_pct(ratio, 10), ratio_min=float(ratio.min()),
+        ours_below_petals=int((ratio < 1 - 1e-9).sum()),
+        reb_swarms=len(reb), reb_uncoverable=len(res["rebalance"]) - len(reb),
+    )
+    if reb:
+        out.update(
+            reb_before_med=float(np.median([r["before"] / r["new_bound"] for r in reb])),
+            reb_after_med=float(np.median([r["after"] / r["new_bound"] for r in reb])),
+            reb_after_p10=_pct([r["after"] / r["new_bound"] for r in reb], 10),
+            reb_moved_med=float(np.median([r["moved"] / r["remaining"] for r in reb])),
+            reb_moved_max=float(max(r["moved"] / r["remaining"] for r in reb)),
+            reb_unsafe=int(sum(1 for r in reb if r["unsafe_blocks"])),
+            reb_plan_s_max=float(max(r["plan_s"] for r in reb)),
+        )
+        pr = [r for r in reb if "petals_after" in r]
+        if pr:
+            out.update(
+                petals_reb_after_med=float(np.median([r["petals_after"] / r["new_bound"] for r in pr])),
+                petals_reb_moved_med=float(np.median([r["petals_moved"] / r["remaining"] for r in pr])),
+                petals_reb_unsafe=int(sum(1 for r in pr if r["petals_unsafe_steps"])),
+                petals_reb_swarms=len(pr),
+            )
+    return out
+
+
+def timing(seed: int, quick: bool) -> Dict:
+    rng = np.random.default_rng(seed + 77)
+    out: Dict = {}
+    # a joining peer in a 10,000-peer swarm
+    swarm = make_swarm(rng, 10000)
+    model = swarm.model
+    pl = plan_placement(swarm.peers, model, max_lanes=2, descend_sweeps=1)
+    spans = [(s, e, float(work_curve(p, model)[e - s - 1]) / (e - s)) for p in swarm.peers
+             for s, e in [pl[p.peer_id]]]
+    times = []
+    for i in range(3 if quick else 10):
+        newcomer = make_peer(rng, model, f"new{i}")
+        t = time.time()
+        choose_span_for(newcomer, model, spans)
+        times.append(time.time() - t)
+    out["join_10000_s_median"] = float(np.median(times))
+    out["join_10000_s_max"] = float(max(times))
+    # a full rebalancing plan and a fresh placement for 1,000 peers
+    swarm = make_swarm(rng, 1000)
+    model = swarm.model
+    t = time.time()
+    pl = plan_placement(swarm.peers, model, max_lanes=4, descend_sweeps=2)
+    out["placement_1000_s"] = time.time() - t
+    leave = set(p.peer_id for p in swarm.peers if rng.random() < 0.2)
+    keep = [p for p in swarm.peers if p.peer_id not in leave]
+    t = time.time()
+    plan = plan_rebalance(keep, model, {p.peer_id: pl[p.peer_id] for p in keep})
+    out["rebalance_1000_s"] = time.time() - t
+    out["rebalance_1000_moves"] = len(plan.moves)
+    # a plan over all 1,000 peers without anyone leaving (the periodic check)
+    t = time.time()
+    plan_rebalance(swarm.peers, model, pl)
+    out["rebalance_check_1000_s"] = time.time() - t
+    return out
+
+
+def fmt(x: float, digits: int = 2) -> str:
+    return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
+
+
+def print_table(summaries: List[Dict], tim: Dict, churn: Dict) -> None:
+    print()
+    print("Served throughput as a fraction of the upper bound (medians; p10 = 10th percentile)")
+    print("| peers | swarms | ours med | ours p10 | Petals med | Petals p10 | Petals placement + our routing | "
+          "ours/Petals med | ours/Petals p10 | swarms where ours < Petals |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for s in summaries:
+        tag = "" if s["size"] <= PETALS_FLOW_EXACT_MAX else " (Petals + our routing: even-spread lower bound)"
+        print(f"| {s['size']}{tag} | {s['swarms']} | {fmt(s['ours_med'], 3)} | {fmt(s['ours_p10'], 3)} | "
+              f"{fmt(s['petals_med'], 3)} | {fmt(s['petals_p10'], 3)} | {fmt(s['petals_flow_med'], 3)} | "
+              f"{fmt(s['ratio_med'], 1)}x | {fmt(s['ratio_p10'], 1)}x | {s['ours_below_petals']} |")
+    print()
+    print("After 20% of peers leave (fractions of the new bound; moved = share of remaining peers)")
+    print("| peers | swarms | before plan | after plan med | after plan p10 | moved med | moved max | "
+          "plans with an unserved block mid-way | Petals after | Petals moved | Petals steps unserving a block | "
+          "model not coverable |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for s in summaries:
+        if not s.get("reb_swarms"):
+            continue
+        pr = s.get("petals_reb_swarms")
+        print(f"| {s['size']} | {s['reb_swarms']} | {fmt(s['reb_before_med'], 3)} | {fmt(s['reb_after_med'], 3)} | "
+              f"{fmt(s['reb_after_p10'], 3)} | {fmt(s['reb_moved_med'], 3)} | {fmt(s['reb_moved_max'], 3)} | "
+              f"{s['reb_unsafe']} | {fmt(s.get('petals_reb_after_med', float('nan')), 3)} | "
+              f"{fmt(s.get('petals_reb_moved_med', float('nan')), 3)} | "
+              f"{s.get('petals_reb_unsafe', '—') if pr else '—'} | {s['reb_uncoverable']} |")
+    print()
+    print("Timing (this machine, one core)")
+    print(f"- join, 10,000-peer swarm: median {tim['join_10000_s_median'] * 1000:.1f} ms, "
+          f"max {tim['join_10000_s_max'] * 1000:.1f} ms")
+    print(f"- rebalancing plan, 1,000 peers after 20% left: {tim['rebalance_1000_s']:.2f} s "
+          f"({tim['rebalance_1000_moves']} moves); periodic check of 1,000 peers: {tim['rebalance_check_1000_s']:.2f} s")
+    print(f"- fresh placement of 1,000 peers: {tim['placement_1000_s']:.2f} s")
+    print()
+    print(f"Churn ({churn['peers']} peers, {churn['duration']:.0f} s, {churn['blocks']} blocks): mean served "
+          f"throughput ours {churn['ours_mean']:.0f} tokens/s ({churn['ours_frac']:.2f} of the bound, "
+          f"{churn['ours_moves']} moves), Petals {churn['petals_mean']:.0f} tokens/s ({churn['petals_frac']:.3f}, "
+          f"{churn['petals_moves']} moves); plot: {churn['png']}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer swarms per size (a couple of minutes)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="out")
+    ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated swarm sizes")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    counts = QUICK_COUNTS if args.quick else FULL_COUNTS
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    summaries, raw = [], []
+    for size in sizes:
+        res = static_and_rebalance(size, counts.get(size, 10), args.seed, petals_rebalance_max=20 if args.quick else 100)
+        raw.append(res)
+        summaries.append(summarize(res))
+        s = summaries[-1]
+        print(f"[{size} peers: {s['swarms']} swarms in {res['seconds']:.0f} s] ours {s['ours_med']:.3f} of the bound, "
+              f"Petals {s['petals_med']:.4f}", flush=True)
+    tim = timing(args.seed, args.quick)
+    peers, duration = (20, 1200.0) if args.quick else (40, 3600.0)
+    t = time.time()
+    ch = run_churn(seed=args.seed, num_peers=peers, duration=duration, mass_leave_at=duration / 2)
+    png = os.path.join(args.out, "partitioner_churn.png")
+    plot_churn(ch, png, title=f"served throughput during churn, {peers} peers, {ch.num_blocks} blocks")
+    churn = dict(peers=peers, duration=duration, blocks=ch.num_blocks, png=png, seconds=time.time() - t,
+                 ours_mean=ch.mean(ch.ours, duration), petals_mean=ch.mean(ch.petals, duration),
+                 bound_mean=ch.mean(ch.bound, duration), ours_moves=ch.ours_moves, petals_moves=ch.petals_moves)
+    churn["ours_frac"] = churn["ours_mean"] / max(churn["bound_mean"], 1e-12)
+    churn["petals_frac"] = churn["petals_mean"] / max(churn["bound_mean"], 1e-12)
+    print_table(summaries, tim, churn)
+    with open(os.path.join(args.out, "bench_partitioner.json"), "w") as f:
+        json.dump(dict(summaries=summaries, timing=tim, churn=churn, quick=args.quick, seed=args.seed,
+                       churn_series=dict(times=ch.times, ours=ch.ours, petals=ch.petals, bound=ch.bound),
+                       raw=raw), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
