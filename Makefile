@@ -23,6 +23,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m sims.bench_inference
 
+bench-train: $(STAMP)
+	$(PY) -m sims.bench_train
+
+bench-partitioner: $(STAMP)
+	$(PY) -m sims.bench_partitioner
+
 bench-chaos: $(STAMP)
 	$(PY) -m sims.chaos
 

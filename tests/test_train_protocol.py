@@ -1,0 +1,123 @@
+"""The DiLoCo outer step (protocols.diloco): planning, records, and the outer update over a real all-reduce."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import pytest
+import torch
+
+from protocols.diloco import (
+    DiLoCoConfig, DiLoCoSync, OuterPlan, ProgressRecord, group_tiebreak, plan_outer_step, round_group_bits,
+    sharing_priority,
+)
+from protocols.transport import LOCAL_ONLY
+
+
+def rec(outer, inner, rate=10.0, t=100.0, score=0.0, target=50, left=False):
+    return ProgressRecord(outer_step=outer, inner_step=inner, steps_per_s=rate, group_score=score,
+                          target_inner_steps=target, time=t, left=left)
+
+
+def test_deadline_waits_for_the_slowest_live_peer_within_bounds():
+    progress = {b"me": rec(3, 50), b"a": rec(3, 40, rate=10.0, t=100.0), b"b": rec(3, 30, rate=5.0, t=99.0)}
+    plan = plan_outer_step(progress, b"me", 3, 0.0, now=100.0, min_wait=2.0, max_wait=60.0, slack=1.0)
+    # b needs 20 steps at 5/s from t=99: done at 103, plus 1 s of slack
+    assert plan == OuterPlan(deadline=pytest.approx(104.0), expected=3, behind=False)
+    plan = plan_outer_step(progress, b"me", 3, 0.0, now=100.0, min_wait=2.0, max_wait=3.0, slack=1.0)
+    assert plan.deadline == pytest.approx(103.0)  # capped by max_wait
+    alone = plan_outer_step({b"me": rec(3, 50)}, b"me", 3, 0.0, now=100.0, min_wait=2.0, max_wait=60.0, slack=1.0)
+    assert alone.expected == 1 and alone.deadline == pytest.approx(102.0)
+
+
+def test_peers_elsewhere_or_gone_are_not_expected_and_a_stale_anchor_is_detected():
+    progress = {b"old": rec(2, 10), b"gone": rec(3, 10, left=True), b"same": rec(3, 50)}
+    plan = plan_outer_step(progress, b"me", 3, 0.0, now=100.0, min_wait=2.0, max_wait=60.0, slack=1.0)
+    assert plan.expected == 2 and not plan.behind
+    ahead = {b"x": rec(4, 5)}
+    assert plan_outer_step(ahead, b"me", 3, 0.0, now=100.0, min_wait=2, max_wait=9, slack=1).behind
+    better_group = {b"x": rec(3, 5, score=3.2)}
+    assert plan_outer_step(better_group, b"me", 3, 2.1, now=100.0, min_wait=2, max_wait=9, slack=1).behind
+    assert not plan_outer_step(better_group, b"me", 3, 3.2, now=100.0, min_wait=2, max_wait=9, slack=1).behind
+
+
+def test_progress_records_are_validated():
+    good = rec(1, 2).to_wire()
+    assert ProgressRecord.from_wire(good) == rec(1, 2)
+    for bad in [None, "x", {}, dict(good, outer_step="a"), dict(good, steps_per_s=float("nan")),
+                dict(good, inner_step=-1), dict(good, version=99)]:
+        assert ProgressRecord.from_wire(bad) is None
+
+
+def test_group_keys_priorities_and_config():
+    assert round_group_bits(5) != round_group_bits(6) != round_group_bits(5, attempt=1)
+    assert len(round_group_bits(123456)) == 24 and set(round_group_bits(77)) <= {"0", "1"}
+    assert sharing_priority(4, 1.0) > sharing_priority(3, 4.4) and sharing_priority(3, 4.1) > sharing_priority(3, 3.4)
+    t = group_tiebreak([b"b", b"a"])
+    assert 0 <= t < 0.5 and t == group_tiebreak([b"a", b"b"])
+    with pytest.raises(ValueError):
+        DiLoCoConfig(min_matchmaking_time=2.0, request_timeout=3.0)
+    with pytest.raises(ValueError):
+        DiLoCoConfig(compression="zip")
+
+
+@pytest.fixture
+def two_syncs():
+    from hivemind import DHT
+
+    dhts, syncs = [], []
+    try:
+        dhts.append(DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], **LOCAL_ONLY))
+        maddrs = [str(m) for m in dhts[0].get_visible_maddrs()]
+        dhts.append(DHT(initial_peers=maddrs, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], **LOCAL_ONLY))
+        cfg = DiLoCoConfig(compression="none", min_matchmaking_time=2.0, request_timeout=1.0, min_wait=2.0)
+        torch.manual_seed(0)
+        start = [torch.randn(64, 8), torch.randn(8)]
+        for dht in dhts:
+            params = [torch.nn.Parameter(t.clone()) for t in start]
+            syncs.append(DiLoCoSync(params, dht, run_id="protocol_test", config=cfg))
+        yield syncs
+    finally:
+        for s in syncs:
+            s.shutdown()
+        for d in dhts:
+            with contextlib.suppress(Exception):
+                d.shutdown()
+
+
+def test_outer_step_averages_pseudo_gradients_and_applies_nesterov(two_syncs):
+    a, b = two_syncs
+    anchor = [t.clone() for t in a.anchor]
+    # pretend each peer ran its inner steps: move its parameters away from the anchor
+    with torch.no_grad():
+        for i, (pa, pb) in enumerate(zip(a.params, b.params)):
+            pa.sub_(0.1 * (i + 1))
+            pb.add_(0.05 * (i + 1))
+    delta_a = [x - p.detach() for x, p in zip(anchor, a.params)]
+    delta_b = [x - p.detach() for x, p in zip(anchor, b.params)]
+    reports = [None, None]
+
+    def run(i, sync, weight):
+        reports[i] = sync.outer_step(weight=weight, expected_group=2)
+
+    threads = [threading.Thread(target=run, args=(0, a, 1.0)), threading.Thread(target=run, args=(1, b, 0.5))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(r is not None and r.group_size == 2 and not r.error for r in reports), reports
+    lr, mu = a.config.outer_lr, a.config.outer_momentum
+    for k in range(len(anchor)):
+        avg = (1.0 * delta_a[k] + 0.5 * delta_b[k]) / 1.5  # weighted by inner steps done
+        expected = anchor[k] - lr * (1 + mu) * avg  # first Nesterov step: buffer = g, update = g + mu * buffer
+        for sync in (a, b):
+            assert torch.allclose(sync.anchor[k], expected, atol=1e-5)
+            assert torch.allclose(sync.params[k].detach(), expected, atol=1e-5)
+    assert a.outer_step_count == b.outer_step_count == 1
+    assert reports[0].bytes_sent > 0 and reports[0].bytes_received > 0
+    assert a.group_score == b.group_score > 2.0
+
+    # the state a joining peer downloads: anchor, momentum and step number
+    metadata, tensors = a._shared_state()
+    assert metadata["outer_step"] == 1 and metadata["has_momentum"] and len(tensors) == 2 * len(anchor)
