@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import math
 import os
 import shutil
 import signal
@@ -467,6 +466,15 @@ def replica_divergence(model_dirs: Sequence[Path]) -> Optional[float]:
 
 
 # --------------------------------------------------------------------------------------------- report
+def _ten_step_means(history: Dict[str, list]) -> Dict[str, list]:
+    """Training losses as means over 10 inner steps (what the DiLoCo peers log), for one plot."""
+    inner = history.get("inner", [])
+    if inner and all("outer_step" not in e for e in inner) and len(inner) >= 10:
+        inner = [dict(step=inner[i + 9]["step"], loss=sum(e["loss"] for e in inner[i:i + 10]) / 10)
+                 for i in range(0, len(inner) - 9, 10)]
+    return dict(history, inner=inner)
+
+
 def format_table(results: List[Dict[str, Any]]) -> str:
     base = results[0]
     rows = [("run", "val loss", "vs baseline", "bytes sent (all workers)", "fewer bytes", "outer steps", "wall s")]
@@ -570,8 +578,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results.append(r)
     from peer.trainer import plot_loss_curves
 
-    plot_loss_curves({r["name"]: r["history"] for r in results}, OUT / "loss_curves.png",
-                     title=f"{tokens / 1e6:.2f} M tokens per run, 4 workers")
+    plot_loss_curves({r["name"]: _ten_step_means(r["history"]) for r in results}, OUT / "loss_curves.png",
+                     title=f"{tokens / 1e6:.2f} M tokens per run, 4 workers", smooth=1)
     table = format_table(results)
     checks = check_targets(results)
     with open(OUT / "results.json", "w") as f:
