@@ -39,6 +39,9 @@ from peer.throughput import measure_throughput
 logger = logging.getLogger("peer")
 
 
+INLINE_TOKENS = 8  # steps of at most this many tokens (batch x new tokens) run on the event-loop thread
+
+
 class PeerLeaving(RuntimeError):
     """Sent to a session's client when the peer leaves: the client should move to another peer."""
 
@@ -457,17 +460,34 @@ class Peer:
             offset += n
         return torch.cat(outs, dim=1)
 
-    async def _next_request(self, requests: AsyncIterator, timeout: float, session: Optional[Session] = None):
-        next_task = asyncio.ensure_future(requests.__anext__())
-        leaving_task = asyncio.ensure_future(self.leaving.wait())
-        waits = {next_task, leaving_task}
+    async def _stopped(self, session: Optional[Session]) -> None:
+        """Resolves when the peer leaves or, for a session, when the peer moves away from its span."""
+        waits = [asyncio.ensure_future(self.leaving.wait())]
         if session is not None:
-            waits.add(asyncio.ensure_future(session.ended.wait()))
+            waits.append(asyncio.ensure_future(session.ended.wait()))
         try:
-            done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for t in waits - {next_task}:
-                t.cancel()
+            for w in waits:
+                w.cancel()
+
+    async def _next_request(self, requests: AsyncIterator, timeout: float, session: Optional[Session] = None,
+                            stopped: Optional[asyncio.Future] = None):
+        """The next request of a stream, or None at its end. ``stopped`` (from :meth:`_stopped`) is reused
+        across requests, so waiting costs one new task per request.
+
+        :raises PeerLeaving: if the peer leaves or moves meanwhile
+        :raises TimeoutError: after ``timeout`` seconds without a request
+        """
+        own = stopped is None
+        if own:
+            stopped = asyncio.ensure_future(self._stopped(session))
+        next_task = asyncio.ensure_future(requests.__anext__())
+        try:
+            done, _ = await asyncio.wait({next_task, stopped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if own:
+                stopped.cancel()
         if next_task in done:
             try:
                 return next_task.result()
@@ -499,6 +519,7 @@ class Peer:
         meta = unpack(request.metadata)
         session = self._open_session(meta)
         loop = asyncio.get_running_loop()
+        stopped = asyncio.ensure_future(self._stopped(session))
         try:
             while request is not None:
                 if session.backend is not self.backend:
@@ -520,16 +541,22 @@ class Peer:
                             raise ProtocolError("replay must list positive chunk lengths that add up to the tokens sent")
                     else:
                         chunks = [q]
-                    out = await loop.run_in_executor(
-                        self.pool, self._timed, lambda: self._run_steps(session, hidden, mask, chunks)
-                    )
+                    if hidden.shape[0] * hidden.shape[1] <= INLINE_TOKENS and self.opts.throttle <= 1:
+                        # a decode step of a few tokens takes about a millisecond: running it here saves two
+                        # thread hand-offs, and the event loop is blocked only that long
+                        out = self._run_steps(session, hidden, mask, chunks)
+                    else:
+                        out = await loop.run_in_executor(
+                            self.pool, self._timed, lambda: self._run_steps(session, hidden, mask, chunks)
+                        )
                     yield runtime_pb2.ExpertResponse(
                         tensors=[encode_tensor(out)], metadata=pack({"step": meta.get("step", 0), "length": session.length})
                     )
-                request = await self._next_request(requests, self.opts.session_timeout, session)
+                request = await self._next_request(requests, self.opts.session_timeout, session, stopped)
                 if request is not None:
                     meta = unpack(request.metadata)
         finally:
+            stopped.cancel()
             self._close_session(session)
 
 
