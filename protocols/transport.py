@@ -191,11 +191,11 @@ async def ensure_connected(p2p: P2P, peer_id, addrs: Sequence[str]) -> None:
         raise ConnectionError(f"cannot connect to peer {peer_id}: {e}") from e
 
 
-async def measure_link(p2p: P2P, peer_id, *, bandwidth_bytes: int = 256 * 1024, timeout: float = 2.0):
-    """Round-trip time (s, best of 3 empty pings) and upload bandwidth (bytes/s, one ``bandwidth_bytes``
-    ping) to a peer, through its ``swarm.ping`` RPC.
+async def ping(p2p: P2P, peer_id, payload: bytes = b"", timeout: float = 2.0) -> float:
+    """One round trip of ``payload`` to a peer's ``swarm.ping`` RPC; returns its duration in seconds.
 
-    :raises ConnectionError: if the peer does not answer within ``timeout`` seconds
+    :raises asyncio.TimeoutError: if no answer comes within ``timeout`` seconds
+    :raises Exception: whatever the transport raises for an unreachable peer
     """
     import asyncio
     import time
@@ -204,16 +204,22 @@ async def measure_link(p2p: P2P, peer_id, *, bandwidth_bytes: int = 256 * 1024, 
 
     from protocols.messages import RPC_PING
 
-    async def ping(payload: bytes) -> float:
-        t0 = time.perf_counter()
-        await asyncio.wait_for(p2p.call_protobuf_handler(
-            peer_id, RPC_PING, runtime_pb2.ExpertRequest(uid="ping", metadata=payload), runtime_pb2.ExpertResponse
-        ), timeout)
-        return time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await asyncio.wait_for(p2p.call_protobuf_handler(
+        peer_id, RPC_PING, runtime_pb2.ExpertRequest(uid="ping", metadata=payload), runtime_pb2.ExpertResponse
+    ), timeout)
+    return time.perf_counter() - t0
 
+
+async def measure_link(p2p: P2P, peer_id, *, bandwidth_bytes: int = 256 * 1024, timeout: float = 2.0):
+    """Round-trip time (s, best of 3 empty pings) and upload bandwidth (bytes/s, one ``bandwidth_bytes``
+    ping) to a peer, through its ``swarm.ping`` RPC.
+
+    :raises ConnectionError: if the peer does not answer within ``timeout`` seconds
+    """
     try:
-        rtt = min([await ping(b"") for _ in range(3)])
-        big = await ping(bytes(bandwidth_bytes))
+        rtt = min([await ping(p2p, peer_id, timeout=timeout) for _ in range(3)])
+        big = await ping(p2p, peer_id, bytes(bandwidth_bytes), timeout=timeout)
     except Exception as e:
         raise ConnectionError(f"peer {peer_id} did not answer a ping: {e}") from e
     bandwidth = bandwidth_bytes / max(big - rtt, 1e-6)

@@ -194,9 +194,11 @@ class LocalSwarm:
             argv += ["--num-threads", str(self.num_threads)]
         return argv + list(extra)
 
-    def start_peer(self, i: int, wait: bool = False) -> _Child:
-        """(Re)start peer ``i``; with ``wait``, block until it serves."""
-        child = _Child(f"peer{i}", self.peer_argv(i), os.path.join(self.log_dir, f"peer{i}.log"), self.env, "PEER_READY")
+    def start_peer(self, i: int, wait: bool = False, extra: Optional[Sequence[str]] = None) -> _Child:
+        """(Re)start peer ``i`` (with ``extra`` options instead of ``peer_args``); with ``wait``, block until it
+        serves."""
+        child = _Child(f"peer{i}", self.peer_argv(i, extra), os.path.join(self.log_dir, f"peer{i}.log"), self.env,
+                       "PEER_READY")
         if i < len(self.peers):
             self.peers[i] = child
         else:
@@ -207,20 +209,13 @@ class LocalSwarm:
 
     def add_peer(self, span: Tuple[int, int], wait: bool = True) -> _Child:
         """Start one more peer serving ``span``."""
-        self.spans.append(tuple(span))
-        return self.start_peer(len(self.spans) - 1, wait=wait)
+        return self.add_peer_with_args(span, [], wait=wait)
 
     def add_peer_with_args(self, span, args: Sequence[str], wait: bool = True) -> _Child:
         """Start one more peer serving ``span`` (``(start, end)``, or an int: that many blocks placed by the
         peer itself) with extra ``swarm peer`` options."""
         self.spans.append(span if isinstance(span, int) else tuple(span))
-        i = len(self.spans) - 1
-        child = _Child(f"peer{i}", self.peer_argv(i, args), os.path.join(self.log_dir, f"peer{i}.log"), self.env,
-                       "PEER_READY")
-        self.peers.append(child)
-        if wait:
-            self._wait([child], time.perf_counter())
-        return child
+        return self.start_peer(len(self.spans) - 1, wait=wait, extra=args)
 
     def _wait(self, children: List[_Child], t0: float) -> None:
         for c in children:

@@ -24,10 +24,10 @@ from hivemind.proto import runtime_pb2
 from partitioner.route import Hop, NoRouteError, ServerSpan, find_chain
 from protocols import PROTOCOL_VERSION
 from protocols.codec import decode_tensor, encode_tensor
-from protocols.messages import RPC_FORWARD, RPC_INFERENCE, RPC_INFO, RPC_PING, pack, unpack
+from protocols.messages import RPC_FORWARD, RPC_INFERENCE, pack, unpack
 from protocols.model_spec import Checkpoint, build_meta_model, resolve_dtype
 from protocols.records import PeerRecord, model_key, parse_records
-from protocols.transport import create_dht_node, create_p2p, ensure_connected, start_reaper
+from protocols.transport import create_dht_node, create_p2p, ensure_connected, ping, start_reaper
 
 logger = logging.getLogger("swarm.client")
 
@@ -90,11 +90,7 @@ class _Network:
                 return
             try:
                 await asyncio.wait_for(self.connect(r), 1.0)
-                t0 = time.perf_counter()
-                await asyncio.wait_for(self.p2p.call_protobuf_handler(
-                    PeerID.from_base58(r.peer_id), RPC_PING, runtime_pb2.ExpertRequest(),
-                    runtime_pb2.ExpertResponse), 1.0)
-                self._rtt[r.peer_id] = (now, time.perf_counter() - t0)
+                self._rtt[r.peer_id] = (now, await ping(self.p2p, PeerID.from_base58(r.peer_id), timeout=1.0))
             except Exception:
                 self._rtt[r.peer_id] = (now, None)
 
@@ -208,9 +204,8 @@ class _HopStream:
                     return task.result()
                 wait = 0.5
                 try:
-                    await asyncio.wait_for(self.net.p2p.call_protobuf_handler(
-                        PeerID.from_base58(self.peer_id), RPC_INFO, runtime_pb2.ExpertRequest(),
-                        runtime_pb2.ExpertResponse), timeout=min(1.0, max(remaining, 0.05)))
+                    await ping(self.net.p2p, PeerID.from_base58(self.peer_id),
+                               timeout=min(1.0, max(remaining, 0.05)))
                 except asyncio.TimeoutError:
                     pass  # a busy peer may answer slowly; the step deadline decides
                 except Exception as e:
