@@ -570,7 +570,8 @@ class DiLoCoSync:
     def download_state(self, timeout: float = 60.0) -> Optional[Dict[str, Any]]:
         """Download the state of the best live peer (see :func:`sharing_priority`) and adopt it.
 
-        :returns: the downloaded metadata plus ``bytes`` (payload bytes received), or None if no peer served it
+        :returns: the downloaded metadata plus ``bytes`` (payload bytes received), or None if no peer served a
+            complete state
         """
         loaded = self.averager.load_state_from_peers(timeout=timeout)
         if loaded is None:
@@ -581,7 +582,11 @@ class DiLoCoSync:
             return None
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         self.averager.traffic.add("state_received", nbytes)
-        self.load_state(metadata, tensors)
+        try:
+            self.load_state(metadata, tensors)
+        except ValueError as e:  # cut short: the serving peer died mid-download; the caller asks again
+            logger.warning("ignoring an incomplete downloaded state: %s", e)
+            return None
         return dict(metadata, bytes=nbytes)
 
     # ---------------------------------------------------------------- the outer step

@@ -17,9 +17,10 @@ NEW_TOKENS = 10
 
 @pytest.fixture(scope="module")
 def swarm(mha_model):
-    # a 3-hop chain F[0:1] -> M[1:3] -> L[3:4], and R[0:4], a slow replica of everything
+    # a 3-hop chain F[0:1] -> M[1:3] -> L[3:4], and R[0:4], a slow replica of everything. F, M and L announce
+    # 10 ms per block, so a faulty peer (below) is preferred by a margin far above loopback round-trip noise
     spans = [(0, 1), (1, 3), (3, 4), (0, 4)]
-    args = [["--throughput", "1000"]] * 3 + [["--throughput", "1"]]
+    args = [["--throughput", "100"]] * 3 + [["--throughput", "1"]]
     with LocalSwarm(mha_model, spans=spans, peer_args=args) as s:
         yield s
 
