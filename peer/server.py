@@ -42,6 +42,16 @@ logger = logging.getLogger("peer")
 INLINE_TOKENS = 8  # steps of at most this many tokens (batch x new tokens) run on the event-loop thread
 
 
+def _internal_error(e: Exception, what: str) -> Exception:
+    """The error a handler sends back for ``e``: expected errors (bad input, a peer leaving) as they are; anything
+    else is logged with its traceback and named by type, so neither the peer's log nor the client sees an
+    empty message."""
+    if isinstance(e, (ValueError, PeerLeaving)):
+        return e
+    logger.error("%s failed: %s: %s", what, type(e).__name__, e, exc_info=e)
+    return RuntimeError(f"internal error in {what}: {type(e).__name__}: {e}")
+
+
 class PeerLeaving(RuntimeError):
     """Sent to a session's client when the peer leaves: the client should move to another peer."""
 
@@ -383,6 +393,13 @@ class Peer:
         return hidden, mask
 
     async def rpc_forward(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
+        try:
+            async for response in self._forward(requests):
+                yield response
+        except Exception as e:
+            raise _internal_error(e, "a forward pass") from e
+
+    async def _forward(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]):
         async for request in requests:
             meta = unpack(request.metadata)
             start, end = self._check_range(meta)
@@ -511,6 +528,13 @@ class Peer:
             await asyncio.sleep(3600)
 
     async def rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
+        try:
+            async for response in self._inference(requests):
+                yield response
+        except Exception as e:
+            raise _internal_error(e, "an inference session") from e
+
+    async def _inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]):
         if self.leaving.is_set():
             raise PeerLeaving(f"peer {self.peer_id} is leaving the swarm; moved: continue on another peer")
         request = await self._next_request(requests, self.opts.session_timeout)

@@ -26,13 +26,14 @@ class TensorError(ValueError):
 
 
 def encode_tensor(tensor: torch.Tensor, compression: str = "none") -> runtime_pb2.Tensor:
-    """Serialize ``tensor`` (any shape) for the wire. ``compression`` is one of ``COMPRESSION``'s keys."""
+    """Serialize ``tensor`` (any shape, on any device: it is copied to host memory first) for the wire.
+    ``compression`` is one of ``COMPRESSION``'s keys."""
     if compression not in COMPRESSION:
         raise ValueError(f"unknown compression {compression!r}; choose one of {sorted(COMPRESSION)}")
     kind = COMPRESSION[compression]
     if not tensor.dtype.is_floating_point:
         kind = runtime_pb2.CompressionType.NONE
-    return serialize_torch_tensor(tensor.detach(), kind)
+    return serialize_torch_tensor(tensor.detach().cpu(), kind)
 
 
 def decode_tensor(

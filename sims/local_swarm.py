@@ -148,6 +148,7 @@ class LocalSwarm:
         self.peer_args = peer_args
         self._own_log_dir = log_dir is None and not keep_logs
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="swarm-sim-")
+        os.makedirs(self.log_dir, exist_ok=True)
         self.env = dict(os.environ, **(env or {}))
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         self.ready_timeout = ready_timeout
