@@ -1,4 +1,4 @@
-"""An upper bound on the throughput any placement of a set of peers can serve (a contiguity relaxation).
+"""An upper bound on the throughput any placement of a set of peers can serve (a relaxation of placement + routing).
 
 For any placement and any routing at throughput ``lam`` tokens/s, peer ``i`` holding ``k_i`` blocks runs at most
 
@@ -7,16 +7,40 @@ For any placement and any routing at throughput ``lam`` tokens/s, peer ``i`` hol
 * ``k_i lam`` (no block carries more than the ``lam`` tokens/s that flow through it: memory caps what one peer
   can take on),
 
-that is at most ``W_i(lam) = max_k min(c_i(k), k min(n_i, lam))`` (:func:`partitioner.cost.work_curve`). Every token
-runs all ``L`` blocks, so a feasible ``lam`` satisfies
+that is at most ``w_i(k_i, lam) = min(c_i(k_i), k_i min(n_i, lam))`` (0 for a peer left out, ``k_i = 0``). Every
+token runs all ``L`` blocks, and every block must be held by some peer, so a feasible ``lam`` admits span lengths
+``k_i in {0, .., m_i}`` (``m_i`` = :func:`partitioner.cost.max_blocks`) with
 
-    L lam <= sum_i W_i(lam)                            [block-tokens/s]
+    (work)      L lam <= sum_i w_i(k_i, lam)                     [block-tokens/s]
+    (coverage)  L     <= sum_i k_i (1 if strong else 1/2)        [blocks]
 
-and the bound is the largest such ``lam`` (the left side grows linearly, the right side is concave: bisection). It
-is 0 if the peers' memory cannot hold every block once. Dropping the third cap gives the cruder
-"total compute over the work of one token through all blocks, capped by network" (``sum_i max_k w_i(k) / L``,
-:func:`compute_bound`); both ignore contiguity and balance, as the relaxations in Helix (Mei et al., ASPLOS 2025)
-and Halda / prima.cpp (Li et al., 2025) do.
+where a span is *strong* if its per-block cap ``a_i = min(n_i, c_i(k_i)) / lam >= 1``. Through block ``b`` peer ``i``
+carries ``x_ib <= min(n_i, c_i(k_i))`` tokens/s (every token it runs entered its span, at most ``n_i`` of them, and
+its work is at most ``c_i``) and the holders of ``b`` carry ``lam`` together, so the holders' caps add up to at least
+1. Any weights ``omega(a)`` with "caps adding up to 1 implies weights adding up to 1" then give, summed over the
+holders of every block, ``sum_i omega(a_i) k_i >= L``. Two such weightings are used, each as its own constraint:
+``omega = 1`` if strong else ``1/r``, where ``r`` is the fewest distinct peers whose largest caps below 1 add up to
+1 (a block without a strong holder has at least ``r`` holders; ``omega = 0`` for weak spans if no such set exists,
+``r`` capped at 6 for the state size), and ``omega = 1, 2/3, 1/3`` for ``a >= 1``, ``1/2 <= a < 1``, ``a < 1/2``
+(caps below 1 need two holders of which one has ``a >= 1/2``, or three).
+Coverage of every block, ``sum_i k_i >= L``, follows. This is the integrality the work constraint alone misses:
+slow-linked peers cannot share out their capacity thinly over many blocks.
+
+The bound is the largest such ``lam``. Both constraints hold for every placement with its own lengths, so it is a
+true upper bound on :func:`partitioner.flow.max_flow` of any placement (``tests/test_partitioner.py`` checks it
+against exhaustive search on small swarms). ``w_i(k, lam) / lam`` does not grow with ``lam``, so the feasible set is
+an interval ``[0, lam*]`` (and a span strong at ``lam`` stays strong below it): bisection. Without the coverage
+constraint each peer takes its best ``k`` (``W_i(lam) = max_k w_i(k, lam)``); when those best lengths do not
+cover (small swarms, slow links), feasibility is decided exactly by a knapsack dynamic program over the covered
+half-blocks (capped at ``2 L``): ``O(N L m)`` per bisection step, run only in that case.
+
+The test compares ratios ``sum_i w_i / lam >= L`` rather than ``sum_i w_i >= L lam``: when memory is tight every
+peer's term is ``k_i lam`` and the two sides are equal for a whole range of ``lam``, where the product form flips
+on rounding noise (an earlier version returned less than a placement's max flow that way).
+
+Dropping the ``k_i lam`` cap and coverage gives the cruder "total compute over the work of one token through all
+blocks, capped by network" (``sum_i max_k w_i(k) / L``, :func:`compute_bound`); all of these ignore contiguity and
+balance, as the relaxations in Helix (Mei et al., ASPLOS 2025) and Halda / prima.cpp (Li et al., 2025) do.
 """
 
 from __future__ import annotations
@@ -26,6 +50,9 @@ from typing import Sequence
 import numpy as np
 
 from .cost import ModelSpec, PeerSpec, compute_curve, max_blocks, network_tps, work_curve
+
+_RATIO_TOL = 1e-9  # relative slack in the ratio test (rounding only)
+_MAX_HOLDERS = 6  # the holder-count weighting uses at most this many holders per weak-only block (state size)
 
 
 def peer_best_work(peer: PeerSpec, model: ModelSpec) -> float:
@@ -41,28 +68,97 @@ def compute_bound(peers: Sequence[PeerSpec], model: ModelSpec) -> float:
     return sum(peer_best_work(p, model) for p in peers) / model.num_blocks
 
 
-def upper_bound(peers: Sequence[PeerSpec], model: ModelSpec, iterations: int = 60) -> float:
-    """The bound in the module docstring, tokens/s through all blocks."""
+def _coverable(ratio: np.ndarray, units: np.ndarray, mem: np.ndarray, need: int) -> float:
+    """Knapsack over span lengths: the most ``sum_i ratio[i, k_i - 1]`` (0 for ``k_i = 0``) over ``k_i <= mem[i]``
+    with ``sum_i units[i, k_i - 1] >= need`` (-inf if no choice reaches ``need``). ``ratio``, ``units``: ``N x L``;
+    a dynamic program over the covered units capped at ``need``, ``O(N need L)``."""
+    dp = np.full(need + 1, -np.inf)
+    dp[0] = 0.0
+    j = np.arange(need + 1)
+    for i in range(ratio.shape[0]):
+        m = int(mem[i])
+        if m <= 0:
+            continue
+        cand = dp[:, None] + ratio[i, :m][None, :]
+        tgt = np.minimum(j[:, None] + units[i, :m][None, :], need)
+        new = dp.copy()
+        np.maximum.at(new, tgt.ravel(), cand.ravel())
+        dp = new
+    return float(dp[need])
+
+
+def upper_bound(peers: Sequence[PeerSpec], model: ModelSpec, iterations: int = 60, *, coverage: bool = True) -> float:
+    """The bound in the module docstring, tokens/s through all blocks (0 if memory cannot hold every block).
+
+    :param iterations: bisection steps (relative precision ``2^-iterations`` of the crude bound)
+    :param coverage: enforce the coverage constraint (the default; False gives the looser work-only bound)
+    """
     L = model.num_blocks
     if not peers or sum(max_blocks(p, model) for p in peers) < L:
         return 0.0
-    comp = np.zeros((len(peers), L))
-    net = np.zeros(len(peers))
+    n = len(peers)
+    comp = np.zeros((n, L))
+    net = np.zeros(n)
+    mem = np.zeros(n, dtype=np.int64)
     for i, p in enumerate(peers):
         c = compute_curve(p, model)
         comp[i, : len(c)] = c
+        mem[i] = len(c)
         net[i] = network_tps(p, model)
     ks = np.arange(1, L + 1, dtype=np.float64)
 
-    def supply(lam: float) -> float:
-        per_k = np.minimum(comp, ks[None, :] * np.minimum(net, lam)[:, None])
-        return float(per_k.max(axis=1).sum())
+    def ratio(lam: float) -> np.ndarray:  # w_i(k, lam) / lam, N x L (0 beyond a peer's memory)
+        return np.minimum(comp / lam, ks[None, :] * np.minimum(net / lam, 1.0)[:, None])
 
-    lo, hi = 0.0, float(np.minimum(comp, ks[None, :] * net[:, None]).max(axis=1).sum()) / L
-    for _ in range(iterations):
-        mid = (lo + hi) / 2
-        if supply(mid) >= L * mid:
-            lo = mid
+    def free_ok(lam: float) -> bool:
+        return float(ratio(lam).max(axis=1).sum()) >= L * (1 - _RATIO_TOL)
+
+    def covered_ok(lam: float) -> bool:
+        r = ratio(lam)
+        best = r.max(axis=1)
+        if best.sum() < L * (1 - _RATIO_TOL):
+            return False
+        # a span's class by its per-block cap a = min(n_i, c_i(k)) / lam: strong (a >= 1), half (a >= 1/2), thin
+        cap = np.minimum(comp, net[:, None]) / lam
+        strong = cap >= 1 - 1e-9
+        half = cap >= 0.5 - 1e-9
+        longest = [int(np.flatnonzero(r[i] >= best[i] * (1 - 1e-12))[-1]) if best[i] > 0 else -1 for i in range(n)]
+        # fewest distinct weak holders whose caps can add up to 1 (each peer at its largest weak cap)
+        weak_cap = np.where(strong, 0.0, cap)
+        top = np.sort(weak_cap.max(axis=1))[::-1]
+        reach = np.flatnonzero(np.cumsum(top) >= 1 - 1e-9)
+        fewest = int(reach[0]) + 1 if len(reach) else 0  # 0: no block can be served by weak spans alone
+        weightings = [(3, 2, 1)]
+        if fewest == 0:
+            weightings.append((1, 0, 0))
         else:
-            hi = mid
-    return lo
+            r_ = min(fewest, _MAX_HOLDERS)
+            weightings.append((r_, 1, 1))
+        for unit_of in weightings:
+            den = unit_of[0]
+            units = np.where(strong, unit_of[0], np.where(half, unit_of[1], unit_of[2])) * ks.astype(np.int64)[None, :]
+            # quick sufficient test: each peer at its longest best length already covers the model
+            if sum(int(units[i, k]) for i, k in enumerate(longest) if k >= 0) >= den * L:
+                continue
+            if _coverable(r, units, mem, den * L) < L * (1 - _RATIO_TOL):
+                return False
+        return True
+
+    def bisect(ok, lo: float, hi: float, steps: int = iterations) -> float:
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            if mid <= 0:
+                break
+            if ok(mid):
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    hi = float(np.minimum(comp, ks[None, :] * net[:, None]).max(axis=1).sum()) / L * (1 + 1e-9)
+    if hi <= 0:
+        return 0.0
+    lam = bisect(free_ok, 0.0, hi)
+    if not coverage or lam <= 0 or covered_ok(lam):
+        return lam
+    return bisect(covered_ok, 0.0, lam, 40)

@@ -1,7 +1,9 @@
 """Choosing spans: the span a joining peer takes, and a placement for a whole set of peers.
 
 :func:`choose_span` is the Petals join rule (kept for the peer daemon and as the baseline); :func:`choose_span_for`
-and :func:`plan_placement` are ours (they pick the length as well as the start, against the upper bound).
+and :func:`plan_placement` are ours (they pick the length as well as the start, against the upper bound);
+:func:`search_with_flow` improves a placement of a small swarm with the max-flow LP in the loop (also used by
+:func:`partitioner.rebalance.plan_rebalance` under a move budget).
 """
 
 from __future__ import annotations
@@ -550,3 +552,157 @@ def descend(placement: Placement, curves: Dict[str, np.ndarray], L: int, target:
         if not moved:
             break
     return placement
+
+
+def search_with_flow(placement: Placement, peers: Sequence[PeerSpec], model: ModelSpec, *, budget: int = 150,
+                     tries_per_round: int = 6, seed: int = 0, target: Optional[float] = None,
+                     lengths_hint: Optional[Dict[str, int]] = None, reference: Optional[Placement] = None,
+                     max_changed: Optional[int] = None) -> Placement:
+    """Price-guided local search over whole-swarm placements, every candidate judged by the max-flow LP
+    (:func:`partitioner.flow.max_flow`); for small swarms, where the LP costs milliseconds.
+
+    Each round solves the LP of the current placement and reads its block prices (the duals of the per-block
+    rows: where one more token/s of capacity would raise the throughput). For every peer and a few span lengths
+    (its current one, one shorter and longer, its best-work length, its longest, ``lengths_hint``) the start with
+    the most price under the window is found by prefix sums, and the move is scored by the first-order estimate
+    ``sum(price x new per-block capacity) - sum(price x load the peer carries now)``. The ``tries_per_round`` best
+    moves that keep every block served are solved exactly; the best that raises the throughput is taken. A move
+    that keeps the throughput and lowers the even-spread deficit below ``target`` (:func:`best_move`'s tie-break)
+    is taken as a sideways step, so that runs of bottleneck blocks that need several peers get filled one peer at a
+    time. When no listed move passes, a random peer among the least used takes a random priced window (a kick,
+    kept only if it is no worse by the same order). Stops after ``budget`` LPs.
+
+    This is the bottleneck-driven local search of Helix's placement refinement (Mei et al. 2025), with LP duals in
+    place of its MILP.
+
+    :param reference: with ``max_changed``: at most ``max_changed`` peers may end on a span other than their span
+        in ``reference`` (a rebalancing move budget); a peer may always go back to its reference span
+    :returns: the best placement seen (never worse under the LP than ``placement``)
+    """
+    from .bound import upper_bound
+    from .cost import network_tps
+    from .flow import max_flow, placed_peers
+
+    L = model.num_blocks
+    spec = {p.peer_id: p for p in peers}
+    curves = {pid: work_curve(spec[pid], model) for pid in placement}
+    if target is None:
+        target = upper_bound([spec[pid] for pid in placement], model)
+    rng = np.random.default_rng(seed)
+    net = {pid: network_tps(spec[pid], model) for pid in placement}
+
+    def deficit(pl: Placement) -> float:
+        prof = supply_profile(L, [(s, e, float(curves[pid][e - s - 1]) / (e - s)) for pid, (s, e) in pl.items()])
+        return float(np.maximum(target - prof, 0).sum())
+
+    def solve(pl: Placement):
+        return max_flow(placed_peers(peers, model, pl), L)
+
+    cur = dict(placement)
+    sol = solve(cur)
+    cur_val, cur_def = sol.throughput, deficit(cur)
+    used = 1
+
+    def better(val: float, dfc: float, ref_val: float, ref_def: float) -> bool:
+        if val > ref_val * (1 + 1e-7) + 1e-12:
+            return True
+        return val >= ref_val * (1 - 1e-9) and dfc < ref_def * (1 - 1e-6) - 1e-12
+
+    tabu: Dict[Tuple[str, int, int], int] = {}
+    rnd = 0
+    while used < budget:
+        rnd += 1
+        price = sol.block_price if sol.block_price is not None and sol.throughput > 0 else None
+        if price is None or price.sum() <= 0:
+            prof = supply_profile(L, [(s, e, float(curves[pid][e - s - 1]) / (e - s)) for pid, (s, e) in cur.items()])
+            price = (prof <= prof.min() * (1 + 1e-9)).astype(np.float64)
+        price = price / max(price.sum(), 1e-300)
+        cum_p = np.concatenate(([0.0], np.cumsum(price)))
+        count = supply_profile(L, [(s, e, 1.0) for s, e in cur.values()])
+        lam = max(sol.throughput, 1e-12)
+        moves = []
+        for pid, (s0, e0) in cur.items():
+            curve = curves[pid]
+            m = len(curve)
+            k0 = e0 - s0
+            load = sol.load.get(pid)
+            old_val = float((price[s0:e0] * load).sum()) if load is not None else 0.0
+            cnt = count.copy()
+            cnt[s0:e0] -= 1
+            lonely = np.concatenate(([0], np.cumsum((cnt <= 0) & (count > 0))))
+            n_lonely = int(lonely[-1])
+            best_k = int(np.flatnonzero(curve >= curve.max() * (1 - 1e-2))[-1] + 1)
+            ks = {k0, k0 - 1, k0 + 1, k0 - 2, k0 + 2, best_k, m, max(1, k0 // 2), min(m, 2 * k0)}
+            if lengths_hint and pid in lengths_hint:
+                ks.add(int(lengths_hint[pid]))
+            for k in ks:
+                if k < 1 or k > m or k > L:
+                    continue
+                h = min(float(curve[k - 1]) / k, net[pid], lam * 1.5)
+                starts = np.arange(L - k + 1)
+                ok = (lonely[starts + k] - lonely[starts]) == n_lonely
+                if not ok.any():
+                    continue
+                gain = np.where(ok, (cum_p[starts + k] - cum_p[starts]) * h, -np.inf)
+                for s in np.argsort(-gain)[:2]:
+                    s = int(s)
+                    if not np.isfinite(gain[s]) or (s, s + k) == (s0, e0) or tabu.get((pid, s, s + k), -1) >= rnd:
+                        continue
+                    moves.append((float(gain[s]) - old_val, pid, s, s + k))
+        if reference is not None and max_changed is not None:
+            changed = {pid for pid, span in cur.items() if reference.get(pid) != span}
+            full = len(changed) >= max_changed
+            moves = [mv for mv in moves if not full or mv[1] in changed or reference.get(mv[1]) == (mv[2], mv[3])]
+            if full:  # also offer going back home, which frees a move
+                for pid in changed:
+                    if pid in reference:
+                        moves.append((0.0, pid, reference[pid][0], reference[pid][1]))
+        moves.sort(key=lambda t: -t[0])
+        best = None
+        for est, pid, s, e in moves[:tries_per_round]:
+            if used >= budget:
+                break
+            trial = dict(cur)
+            trial[pid] = (s, e)
+            tsol = solve(trial)
+            used += 1
+            tdef = deficit(trial)
+            tabu[(pid, s, e)] = rnd + 3
+            if better(tsol.throughput, tdef, cur_val, cur_def) and (
+                    best is None or better(tsol.throughput, tdef, best[0].throughput, best[1])):
+                best = (tsol, tdef, trial)
+        if best is None and used < budget:
+            # kick: one of the least-used peers takes a random window on priced blocks
+            util = []
+            for pid, (s0, e0) in cur.items():
+                capacity = float(curves[pid][e0 - s0 - 1])
+                util.append((float(sol.load[pid].sum()) / max(capacity, 1e-12) if pid in sol.load else 0.0, pid))
+            util.sort()
+            pid = util[int(rng.integers(0, max(1, min(3, len(util)))))][1]
+            s0, e0 = cur[pid]
+            m = len(curves[pid])
+            k = int(rng.integers(1, min(m, L) + 1))
+            b = int(rng.choice(L, p=price)) if price.sum() > 0 else int(rng.integers(0, L))
+            s = int(np.clip(b - rng.integers(0, k), 0, L - k))
+            trial = dict(cur)
+            trial[pid] = (s, s + k)
+            over = (reference is not None and max_changed is not None and reference.get(pid) != (s, s + k)
+                    and len({q for q, sp in trial.items() if reference.get(q) != sp}) > max_changed)
+            if not over and not set(unserved_list(trial, L)) - set(unserved_list(cur, L)):
+                tsol = solve(trial)
+                used += 1
+                tdef = deficit(trial)
+                if better(tsol.throughput, tdef, cur_val, cur_def):
+                    best = (tsol, tdef, trial)
+            else:
+                used += 1  # count failed kicks, so the loop ends
+        if best is not None:
+            sol, cur_def, cur = best
+            cur_val = sol.throughput
+    return cur
+
+
+def unserved_list(placement: Placement, num_blocks: int) -> List[int]:
+    """Blocks no span of ``placement`` holds."""
+    count = supply_profile(num_blocks, [(s, e, 1.0) for s, e in placement.values()])
+    return [int(b) for b in np.flatnonzero(count <= 0)]

@@ -18,6 +18,10 @@ Planning stops once the weakest block reaches ``settle`` of the target, when no 
 Petals' rebalancing also uses, with three changes: the objective is the max-flow-friendly profile against the
 upper bound rather than the weakest block alone, moves are planned globally in a safe order rather than by each
 server on a timer, and the move budget and gain thresholds are explicit.
+
+For small swarms ``search_budget`` adds a search with the max-flow LP in the loop
+(:func:`partitioner.placement.search_with_flow`, at most ``max_moves`` peers off their span) and
+:func:`order_moves` puts the resulting moves in a safe order, peers carrying the least flow first.
 """
 
 from __future__ import annotations
@@ -84,7 +88,7 @@ def unserved_blocks(placement: Placement, num_blocks: int) -> List[int]:
 def plan_rebalance(peers: Sequence[PeerSpec], model: ModelSpec, placement: Placement, *,
                    max_moves: Optional[int] = None, max_move_fraction: float = 0.3, min_gain: float = 0.1,
                    settle: float = 0.97, evaluate: Optional[Callable[[Placement], float]] = None,
-                   shortlist: int = 12) -> RebalancePlan:
+                   shortlist: int = 12, search_budget: int = 0, seed: int = 0) -> RebalancePlan:
     """A rebalancing plan for the peers present (see the module docstring).
 
     Moves are chosen by lazy greedy: every peer's best move is scored once, as
@@ -99,6 +103,11 @@ def plan_rebalance(peers: Sequence[PeerSpec], model: ModelSpec, placement: Place
     :param evaluate: optional throughput of a placement (e.g. the max-flow evaluator, for small swarms): then each
         step scores the ``shortlist`` best moves by the profile with it and takes the best; a move must raise it by
         ``min_gain`` x the peer's best work / ``L`` (the same hysteresis in tokens/s), unless it fills a gap
+    :param search_budget: if positive, the greedy plan's end state is then improved by
+        :func:`partitioner.placement.search_with_flow` (at most ``search_budget`` max-flow LPs, at most
+        ``max_moves`` peers off their current span), and the moves to reach the better of the two are put in a safe
+        order by :func:`order_moves`; the plan that serves more under the max-flow LP is returned (the search is
+        for small swarms: each LP costs milliseconds there)
     """
     import heapq
 
@@ -127,6 +136,11 @@ def plan_rebalance(peers: Sequence[PeerSpec], model: ModelSpec, placement: Place
         fills = bool((count[s:s + k] <= 0).any())
         return L * (new_min - old_min) + (old_def - new_def), s, k, fills
 
+    if search_budget > 0:
+        start = dict(cur)
+        greedy = plan_rebalance(peers, model, placement, max_moves=max_moves, min_gain=min_gain, settle=settle,
+                                evaluate=evaluate, shortlist=shortlist)
+        return _improve_with_search(greedy, start, peers, model, target, max_moves, search_budget, seed)
     if evaluate is not None:
         return _plan_with_evaluator(plan, cur, curves, prof, count, h_of, target, L, max_moves, min_gain, settle,
                                     evaluate, shortlist)
@@ -214,3 +228,72 @@ def _plan_with_evaluator(plan: RebalancePlan, cur: Placement, curves: Dict[str, 
         value = v
     plan.min_after = float(prof.min())
     return plan
+
+
+def order_moves(start: Placement, goal: Placement, peers: Sequence[PeerSpec], model: ModelSpec,
+                load: Optional[Dict[str, float]] = None) -> List[Move]:
+    """Moves that take the swarm from ``start`` to ``goal`` one peer at a time without unserving a block.
+
+    Peers that carry the least flow (``load``, tokens/s x blocks, e.g. from the max-flow LP) go first. A peer
+    moves plainly (reloads, serving nothing meanwhile) when the others still serve every block of its old span
+    that is served now; otherwise make before break through the hull of both spans, if the new span keeps every
+    block only it serves and the hull fits its memory (:func:`partitioner.cost.max_blocks`); otherwise it waits
+    for others to move. Peers that can never move
+    safely keep their span (so the plan may stop short of ``goal``). ``O(moves^2 L)``.
+    """
+    from .cost import max_blocks
+
+    spec = {p.peer_id: p for p in peers}
+    L = model.num_blocks
+    cur = dict(start)
+    pending = [pid for pid in goal if pid in cur and goal[pid] != cur[pid]]
+    pending.sort(key=lambda pid: (load or {}).get(pid, 0.0))
+    out: List[Move] = []
+    progress = True
+    while pending and progress:
+        progress = False
+        for pid in list(pending):
+            old, new = cur[pid], goal[pid]
+            served = supply_profile(L, [(s, e, 1.0) for s, e in cur.values()]) > 0
+            others = supply_profile(L, [(s, e, 1.0) for q, (s, e) in cur.items() if q != pid]) > 0
+            alone = served & ~others
+            if not alone.any():
+                out.append(Move(pid, old, new, None))
+            else:
+                # make before break: the new span must keep every block only this peer serves, and the hull of
+                # both spans must fit its memory
+                hull = (min(old[0], new[0]), max(old[1], new[1]))
+                idx = np.flatnonzero(alone)
+                if idx.min() < new[0] or idx.max() >= new[1] or hull[1] - hull[0] > max_blocks(spec[pid], model):
+                    continue
+                out.append(Move(pid, old, new, hull))
+            cur[pid] = new
+            pending.remove(pid)
+            progress = True
+    return out
+
+
+def _improve_with_search(greedy: RebalancePlan, start: Placement, peers: Sequence[PeerSpec], model: ModelSpec,
+                         target: float, max_moves: int, budget: int, seed: int) -> RebalancePlan:
+    from .flow import max_flow, placed_peers
+    from .placement import search_with_flow
+
+    L = model.num_blocks
+    spec = [p for p in peers if p.peer_id in start]
+    first = greedy.apply(start)
+    goal = search_with_flow(first, spec, model, budget=budget, seed=seed, target=target, reference=start,
+                            max_changed=max_moves)
+    sol = max_flow(placed_peers(spec, model, start), L)
+    load = {pid: float(v.sum()) for pid, v in sol.load.items()}
+    moves = order_moves(start, goal, spec, model, load)
+    cand = RebalancePlan(moves=moves, min_before=greedy.min_before, target=target)
+
+    def value(plan: RebalancePlan) -> float:
+        return max_flow(placed_peers(spec, model, plan.apply(start)), L).throughput
+
+    best = cand if value(cand) > value(greedy) * (1 + 1e-9) else greedy
+    curves = {p.peer_id: work_curve(p, model) for p in spec}
+    end = best.apply(start)
+    best.min_after = float(supply_profile(L, [(s, e, float(curves[pid][e - s - 1]) / (e - s))
+                                              for pid, (s, e) in end.items()]).min())
+    return best

@@ -30,7 +30,7 @@ from partitioner.flow import (
     decompose, max_flow, placed_peers, proportional_usage, served_throughput, usage_of_chains,
 )
 from partitioner.petals import petals_join, petals_place, petals_should_move, petals_usage
-from partitioner.placement import choose_span_for, plan_placement
+from partitioner.placement import choose_span_for, plan_placement, search_with_flow
 from partitioner.rebalance import plan_rebalance, unserved_blocks
 
 from .swarmgen import Swarm, make_peer, make_swarm
@@ -60,17 +60,20 @@ def petals_throughput_served(peers: Sequence[PeerSpec], model: ModelSpec, placem
 
 def ours_place(swarm: Swarm, exact: bool) -> Placement:
     """Our placement. Small swarms (up to ``EXACT_SELECT_MAX`` peers) pick among candidates with the max-flow
-    evaluator and refine with it; larger ones use the even-spread profile (:func:`partitioner.placement.plan_placement`)."""
+    evaluator, refine with it and then run :func:`partitioner.placement.search_with_flow` (``SEARCH_BUDGET`` LPs);
+    larger ones use the even-spread profile (:func:`partitioner.placement.plan_placement`)."""
     peers, model = swarm.peers, swarm.model
     if exact and len(peers) <= EXACT_SELECT_MAX:
-        return plan_placement(peers, model, evaluate=lambda pl: ours_throughput(peers, model, pl, True),
-                              refine_budget=20, flow_refine=20, restarts=6)
+        pl = plan_placement(peers, model, evaluate=lambda pl: ours_throughput(peers, model, pl, True),
+                            refine_budget=20, flow_refine=20, restarts=6)
+        return search_with_flow(pl, peers, model, budget=SEARCH_BUDGET)
     if len(peers) <= 200:
         return plan_placement(peers, model)
     return plan_placement(peers, model, max_lanes=4 if len(peers) <= 1000 else 2, descend_sweeps=2)
 
 
 EXACT_SELECT_MAX = 20
+SEARCH_BUDGET = 150
 
 
 @dataclass
