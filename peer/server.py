@@ -26,7 +26,7 @@ from protocols.codec import TensorError, decode_tensor, encode_tensor
 from protocols.identity import Identity
 from protocols.messages import (
     MAX_BATCH, MAX_PING_BYTES, MAX_REPLAY_CHUNKS, MAX_SESSION_ID, RPC_FORWARD, RPC_INFERENCE, RPC_INFO,
-    RPC_PING, ProtocolError, get_int,
+    RPC_PING, RPC_PUSH, ProtocolError, get_int,
     get_str, pack, unpack,
 )
 from protocols.model_spec import Checkpoint, resolve_dtype
@@ -63,7 +63,11 @@ class PeerOptions:
     model: str
     blocks: Optional[Tuple[int, int]] = None
     num_blocks: Optional[int] = None
-    rebalance_period: float = 3.0  # peers placed automatically (--num-blocks) check for gaps this often (s)
+    rebalance_period: float = 3.0  # balancing peers check the swarm's placement this often (s, x0.5..1.5 jitter)
+    balance: bool = False  # a peer started with --blocks moves itself too (--num-blocks implies it)
+    rebalance_delay: float = 0.0  # seconds after start before the first placement check
+    rebalance_min_gain: float = 0.1  # hysteresis: move only for this fraction more estimated throughput
+    move_grace: float = 3.0  # after a move, sessions may still open on the old span this long (s)
     initial_peers: List[str] = field(default_factory=list)
     new_swarm: bool = False
     host_maddrs: List[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
@@ -96,6 +100,15 @@ class Session:
         self.reserved = batch_size * max_length * (end - start)
         self.backend: Optional[SpanBackend] = None  # the span it was opened on (a peer may move later)
         self.ended = asyncio.Event()  # set when the peer moves away from this span
+        # push (see protocols.messages): where this session's outputs go, whose pushes it takes, and those
+        # pushes by step until the session reaches them
+        self.push_to: Optional[PeerID] = None
+        self.push_session = ""  # the next peer's id for this session
+        self.push_from: Optional[str] = None
+        self.pushed: Dict[int, runtime_pb2.ExpertRequest] = {}
+        self.push_event = asyncio.Event()
+        self.request_task: Optional[asyncio.Future] = None  # the client's next request, while a push is awaited
+        self.pushed_steps = 0  # steps computed from a push
 
 
 class Peer:
@@ -109,6 +122,7 @@ class Peer:
         self.identity = Identity.load_or_create(opts.identity_path) if opts.identity_path else Identity.generate()
         self.peer_id = self.identity.peer_id
         self.sessions: Dict[str, Session] = {}
+        self._push_tasks: set = set()
         self.reserved_tokens = 0
         self.state = "joining"
         self.backend: Optional[SpanBackend] = None
@@ -121,6 +135,10 @@ class Peer:
         self._identity_file: Optional[str] = None
         self.steps_received = 0
         self.network: Dict[str, List[float]] = {}  # peer id -> [rtt_s, bandwidth_bytes_per_s]
+        # placement: spans left by a move, still serving their open sessions -> until when new ones may open there
+        self._retired: Dict[SpanBackend, float] = {}
+        self.moving_since = 0.0  # when the current move began (announced, so that no other peer moves meanwhile)
+        self.rebalancer = None
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -176,6 +194,7 @@ class Peer:
             self.decode_sps /= opts.throttle
         await self.p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, runtime_pb2.ExpertRequest)
         await self.p2p.add_protobuf_handler(RPC_PING, self.rpc_ping, runtime_pb2.ExpertRequest)
+        await self.p2p.add_protobuf_handler(RPC_PUSH, self.rpc_push, runtime_pb2.ExpertRequest)
         await self.p2p.add_protobuf_handler(
             RPC_FORWARD, self.rpc_forward, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
         )
@@ -186,8 +205,13 @@ class Peer:
         await self.announce()
         self._tasks.append(asyncio.create_task(self._announce_loop()))
         self._tasks.append(asyncio.create_task(self._network_loop()))
-        if opts.blocks is None:
-            self._tasks.append(asyncio.create_task(self._rebalance_loop()))
+        if opts.blocks is None or opts.balance:
+            from peer.rebalancer import Rebalancer
+
+            self.rebalancer = Rebalancer(self, period=opts.rebalance_period, min_gain=opts.rebalance_min_gain,
+                                         record_ttl=opts.record_ttl, stale_move=opts.session_timeout + 30,
+                                         delay=opts.rebalance_delay)
+            self._tasks.append(asyncio.create_task(self.rebalancer.run()))
         logger.info(
             "peer %s online: blocks %d:%d, %.0f tokens/s forward and %.1f decode steps/s per block, listening on %s",
             self.peer_id, self.start_block, self.end_block, self.forward_tps, self.decode_sps, " ".join(self.maddrs),
@@ -200,26 +224,64 @@ class Peer:
             if not 0 <= start < end <= total:
                 raise ValueError(f"--blocks {start}:{end} is outside the model's {total} blocks (0:{total})")
             return start, end
+        from peer.rebalancer import join_span, peer_spec
+
         n = min(self.opts.num_blocks or total, total)
-        from partitioner.placement import choose_span
+        me = None
+        try:
+            forward_tps, decode_sps = await self._own_figures()
+            mine = PeerRecord(peer_id=self.peer_id_str, model=self.model_uid, start=0, end=n, state="online",
+                              forward_tps=forward_tps, decode_sps=decode_sps, max_blocks=n, balancing=True,
+                              timestamp=time.time())
+            me = peer_spec(mine, self.model_spec())
+        except Exception as e:  # no figures of its own: the Petals rule
+            logger.warning("could not measure this peer before joining (%s); placing it with the Petals rule", e)
+        others = [r for r in await self.fetch_records() if r.peer_id != self.peer_id_str]
+        (start, end), rule = join_span(me, self.model_spec(), others, n, max_age=1.5 * self.opts.record_ttl)
+        logger.info("placement: blocks %d:%d (%s, at most %d blocks)", start, end, rule, n)
+        return start, end
 
-        records = await self.fetch_records()
-        spans = [(r.start, r.end, r.decode_sps) for r in records if r.state != "offline" and r.peer_id != str(self.peer_id)]
-        start = choose_span(total, n, spans)
-        return start, start + n
+    async def _own_figures(self) -> Tuple[float, float]:
+        """This peer's per-block (forward tokens/s, decode steps/s) before its span is chosen: ``--throughput``,
+        else measured on a one-block probe (cached per model and device, so loading its span does not measure
+        again)."""
+        if self.opts.throughput is not None:
+            forward_tps = decode_sps = float(self.opts.throughput)
+        else:
+            def probe():
+                return measure_throughput(SpanBackend(self.checkpoint, 0, 1, self.opts.device, self.dtype),
+                                          self.model_uid)
 
-    async def _rebalance_loop(self) -> None:
-        """Heal gaps: if some block has no online peer and every block of this peer's span has another
-        server, move this peer to the weakest window (which contains the gap). Random jitter keeps several
-        peers from moving at once; the re-check after the jitter sees peers that already moved."""
-        import random
+            forward_tps, decode_sps = await asyncio.get_running_loop().run_in_executor(self.pool, probe)
+        throttle = max(self.opts.throttle, 1.0)
+        return forward_tps / throttle, decode_sps / throttle
 
-        while True:
-            await asyncio.sleep(self.opts.rebalance_period * (0.5 + random.random()))
-            try:
-                await self._maybe_move()
-            except Exception as e:
-                logger.warning("rebalancing check failed: %s", e)
+    @property
+    def peer_id_str(self) -> str:
+        return self.peer_id.to_base58()
+
+    def capacity(self) -> int:
+        """Most blocks this peer holds (``--num-blocks``, else its ``--blocks`` span)."""
+        if self.opts.num_blocks is not None:
+            return min(self.opts.num_blocks, self.checkpoint.num_blocks)
+        if self.opts.blocks is not None:
+            return self.opts.blocks[1] - self.opts.blocks[0]
+        return self.checkpoint.num_blocks
+
+    def model_spec(self):
+        """The partitioner's view of the model (peer/rebalancer.py)."""
+        if getattr(self, "_model_spec", None) is None:
+            from peer.rebalancer import model_spec_from_config
+
+            size = torch.tensor([], dtype=self.dtype).element_size()
+            self._model_spec = model_spec_from_config(self.checkpoint.config, self.checkpoint.num_blocks, size)
+        return self._model_spec
+
+    async def heal_gaps(self) -> None:
+        """The Petals fallback (used while some peer announces no figures): if some block has no online peer
+        and every block of this peer's span has another server, move to the weakest window (which contains the
+        gap)."""
+        await self._maybe_move()
 
     async def _maybe_move(self) -> None:
         total = self.checkpoint.num_blocks
@@ -245,19 +307,58 @@ class Peer:
             return
         await self.move(start, start + n, reason=f"block(s) {gaps} had no peer")
 
-    async def move(self, start: int, end: int, reason: str = "") -> None:
-        """Load blocks ``[start, end)`` and serve them instead of the current span; open sessions get a
-        'moved' error at their next request so their clients re-route."""
-        logger.info("moving from blocks %d:%d to %d:%d: %s", self.start_block, self.end_block, start, end, reason)
+    async def move(self, start: int, end: int, reason: str = "", check=None) -> bool:
+        """Serve blocks ``[start, end)`` instead of the current span, make before break: the new span loads on a
+        loader thread while the old one keeps serving; then (unless the coroutine ``check()`` returns a reason
+        not to) the peer switches and announces the new span. Sessions open on the old span keep running on it,
+        and new ones may still open there for ``move_grace`` seconds (clients that read the record just before);
+        the old blocks are dropped once those sessions end, or after ``session_timeout`` (the rest then get a
+        'moved' error and re-route). Returns whether the peer moved."""
+        old_span = (self.start_block, self.end_block)
+        logger.info("moving from blocks %d:%d to %d:%d: %s", *old_span, start, end, reason)
         loop = asyncio.get_running_loop()
-        backend = await loop.run_in_executor(
-            self.pool, lambda: SpanBackend(self.checkpoint, start, end, self.opts.device, self.dtype)
+        backend = await loop.run_in_executor(  # not the compute thread: open sessions keep being served
+            None, lambda: SpanBackend(self.checkpoint, start, end, self.opts.device, self.dtype)
         )
+        if check is not None:
+            why = await check()
+            if why:
+                logger.info("move to blocks %d:%d called off: %s", start, end, why)
+                return False
+        old = self.backend
+        self._retired[old] = time.time() + self.opts.move_grace
         self.backend, self.start_block, self.end_block = backend, start, end
-        for session in list(self.sessions.values()):
-            session.ended.set()
         await self.announce()
-        logger.info("now serving blocks %d:%d", start, end)
+        logger.info("now serving blocks %d:%d; blocks %d:%d stay loaded for %d open sessions", start, end, *old_span,
+                    sum(s.backend is old for s in self.sessions.values()))
+        t0 = time.monotonic()
+        try:
+            while True:
+                left = [s for s in self.sessions.values() if s.backend is old]
+                waited = time.monotonic() - t0
+                if not left and waited >= self.opts.move_grace:
+                    break
+                if waited >= self.opts.session_timeout:
+                    logger.info("ending %d sessions still open on blocks %d:%d", len(left), *old_span)
+                    for s in left:
+                        s.ended.set()
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            self._retired.pop(old, None)
+        logger.info("dropped blocks %d:%d after %.1fs", *old_span, time.monotonic() - t0)
+        return True
+
+    def _backend_for(self, meta) -> SpanBackend:
+        """The span a new session opens on: the current one or, within ``move_grace`` of a move, the one the
+        peer left, if the requested range lies there (a client may have read the record just before the move)."""
+        start, end = meta.get("start"), meta.get("end")
+        if isinstance(start, int) and isinstance(end, int) and not self.start_block <= start < end <= self.end_block:
+            now = time.time()
+            for backend, until in self._retired.items():
+                if now < until and backend.start <= start < end <= backend.end:
+                    return backend
+        return self.backend
 
     async def fetch_records(self) -> List[PeerRecord]:
         found = await self.dht.get(model_key(self.model_uid), latest=True)
@@ -276,7 +377,8 @@ class Peer:
             free_cache_tokens=self.free_cache_tokens(), max_cache_tokens=self.opts.max_cache_tokens,
             block_memory_bytes=block_bytes, cache_memory_bytes=per_token * self.opts.max_cache_tokens,
             addrs=self.maddrs, network=dict(list(self.network.items())[:16]), version=PROTOCOL_VERSION,
-            timestamp=time.time(),
+            timestamp=time.time(), max_blocks=self.capacity(), balancing=self.opts.blocks is None or self.opts.balance,
+            moving=self.moving_since,
         )
 
     def free_cache_tokens(self) -> int:
@@ -364,9 +466,10 @@ class Peer:
                 logger.warning("network measurement failed: %s", e)
             await asyncio.sleep(period)
 
-    def _check_range(self, meta) -> Tuple[int, int]:
-        start = get_int(meta, "start", self.start_block, self.end_block - 1)
-        end = get_int(meta, "end", start + 1, self.end_block)
+    def _check_range(self, meta, backend: Optional[SpanBackend] = None) -> Tuple[int, int]:
+        lo, hi = (backend.start, backend.end) if backend is not None else (self.start_block, self.end_block)
+        start = get_int(meta, "start", lo, hi - 1)
+        end = get_int(meta, "end", start + 1, hi)
         return start, end
 
     def _decode_hidden(self, request, batch_size: Optional[int] = None):
@@ -425,7 +528,8 @@ class Peer:
         session_id = get_str(meta, "session_id", MAX_SESSION_ID)
         if session_id in self.sessions:
             raise ProtocolError(f"session {session_id} is already open on this peer")
-        start, end = self._check_range(meta)
+        backend = self._backend_for(meta)  # the current span, or the one a move just left (placement code)
+        start, end = self._check_range(meta, backend)
         batch_size = get_int(meta, "batch_size", 1, MAX_BATCH)
         limit = int(getattr(self.checkpoint.config, "max_position_embeddings", 1 << 20))
         max_length = get_int(meta, "max_length", 1, 1 << 24)
@@ -439,8 +543,8 @@ class Peer:
                 f"(batch {batch_size} x max_length {max_length}) and this peer has "
                 f"{max(free, 0) // max(end - start, 1)} free"
             )
-        session = Session(session_id, start, end, batch_size, max_length, self.backend.new_cache())
-        session.backend = self.backend
+        session = Session(session_id, start, end, batch_size, max_length, backend.new_cache())
+        session.backend = backend
         self.sessions[session_id] = session
         self.reserved_tokens += session.reserved
         logger.info("session %s opened: blocks %d:%d, batch %d, max_length %d", session_id[:8], start, end, batch_size, max_length)
@@ -450,7 +554,8 @@ class Peer:
         if self.sessions.pop(session.session_id, None) is not None:
             self.reserved_tokens -= session.reserved
             session.cache = None
-            logger.info("session %s closed after %d tokens", session.session_id[:8], session.length)
+            logger.info("session %s closed after %d tokens%s", session.session_id[:8], session.length,
+                        f" ({session.pushed_steps} steps from pushes)" if session.push_from is not None else "")
 
     def _run_step(self, session: Session, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         b, q, _ = hidden.shape
@@ -542,16 +647,29 @@ class Peer:
             return
         meta = unpack(request.metadata)
         session = self._open_session(meta)
+        self._setup_push(session, meta)
         loop = asyncio.get_running_loop()
         stopped = asyncio.ensure_future(self._stopped(session))
+        pushed = False
         try:
             while request is not None:
-                if session.backend is not self.backend:
+                if session.ended.is_set():  # a move's old span was dropped before this session ended
                     raise PeerLeaving(f"peer {self.peer_id} moved to blocks {self.start_block}:{self.end_block}; "
                                       "continue on another peer")
-                if len(request.tensors) > 0:
+                step = meta.get("step")
+                duplicate = (not pushed and session.push_from is not None and meta.get("replay") is None
+                             and isinstance(step, int) and 0 <= step < session.length)  # its push came first
+                if len(request.tensors) > 0 and not duplicate:
+                    try:
+                        hidden, mask = self._decode_hidden(request, session.batch_size)
+                    except ValueError as e:
+                        if not pushed:
+                            raise
+                        logger.debug("session %s: ignored a bad push: %s", session.session_id[:8], e)
+                        hidden = None
+                if len(request.tensors) > 0 and not duplicate and hidden is not None:
                     await self._testing_faults()
-                    hidden, mask = self._decode_hidden(request, session.batch_size)
+                    session.pushed_steps += pushed
                     q = hidden.shape[1]
                     if session.length + q > session.max_length:
                         raise ProtocolError(
@@ -573,15 +691,112 @@ class Peer:
                         out = await loop.run_in_executor(
                             self.pool, self._timed, lambda: self._run_steps(session, hidden, mask, chunks)
                         )
+                    encoded = encode_tensor(out)
+                    if session.push_to is not None and meta.get("replay") is None and isinstance(step, int) and step >= 0:
+                        self._push(session, step, encoded, request)
                     yield runtime_pb2.ExpertResponse(
-                        tensors=[encode_tensor(out)], metadata=pack({"step": meta.get("step", 0), "length": session.length})
+                        tensors=[encoded], metadata=pack({"step": meta.get("step", 0), "length": session.length})
                     )
-                request = await self._next_request(requests, self.opts.session_timeout, session, stopped)
+                if session.push_from is None:
+                    request, pushed = await self._next_request(requests, self.opts.session_timeout, session, stopped), False
+                else:
+                    request, pushed = await self._next_input(requests, session, stopped)
                 if request is not None:
                     meta = unpack(request.metadata)
         finally:
             stopped.cancel()
+            if session.request_task is not None:
+                session.request_task.cancel()
             self._close_session(session)
+
+    def _setup_push(self, session: Session, meta) -> None:
+        """Read a session's optional push links (see :mod:`protocols.messages`)."""
+        if "push_to" in meta:
+            session.push_session = get_str(meta, "push_session", MAX_SESSION_ID)
+            try:
+                session.push_to = PeerID.from_base58(get_str(meta, "push_to", 128))
+            except Exception as e:
+                raise ProtocolError(f"push_to must be a peer id: {e}") from None
+            addrs = meta.get("push_addrs", [])
+            if not isinstance(addrs, list) or len(addrs) > 16 or not all(isinstance(a, str) and len(a) < 512 for a in addrs):
+                raise ProtocolError("push_addrs must be a list of at most 16 multiaddrs")
+            if addrs and session.push_to != self.p2p.peer_id:
+                task = asyncio.ensure_future(ensure_connected(self.p2p, session.push_to, addrs))
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())  # failures show at the first push
+        if "push_from" in meta:
+            session.push_from = get_str(meta, "push_from", 128)
+
+    def _push(self, session: Session, step: int, encoded: runtime_pb2.Tensor, request) -> None:
+        """Send a step's output (and the step's attention mask, if any) to the session's next peer, in the
+        background. A failed push stops pushing for this session: the client sends every step itself anyway."""
+        message = runtime_pb2.ExpertRequest(
+            tensors=[encoded, *request.tensors[1:2]], metadata=pack({"session_id": session.push_session, "step": step})
+        )
+
+        async def send():
+            try:
+                await asyncio.wait_for(
+                    self.p2p.call_protobuf_handler(session.push_to, RPC_PUSH, message, runtime_pb2.ExpertResponse),
+                    timeout=10.0,
+                )
+            except Exception as e:
+                if session.push_to is not None:
+                    logger.info("session %s: push to %s failed (%s); the client carries its steps", session.session_id[:8],
+                                str(session.push_to)[-6:], type(e).__name__)
+                session.push_to = None
+
+        task = asyncio.ensure_future(send())
+        self._push_tasks.add(task)
+        task.add_done_callback(self._push_tasks.discard)
+
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """A previous peer's output for a step of a session open here (see :mod:`protocols.messages`)."""
+        meta = unpack(request.metadata)
+        session = self.sessions.get(get_str(meta, "session_id", MAX_SESSION_ID))
+        step = get_int(meta, "step", 0, 1 << 30)
+        if (session is not None and session.push_from == context.remote_id.to_base58()
+                and step >= session.length and len(session.pushed) < 4):
+            session.pushed[step] = request
+            session.push_event.set()
+        return runtime_pb2.ExpertResponse()
+
+    async def _next_input(self, requests: AsyncIterator, session: Session, stopped: asyncio.Future):
+        """The next input of a session that takes pushes: ``(request, pushed)``, where a push for the session's
+        next step wins over a client request not yet received; ``(None, False)`` at the stream's end.
+
+        :raises PeerLeaving: if the peer leaves or moves meanwhile
+        :raises TimeoutError: after the session timeout without any input
+        """
+        timeout = self.opts.session_timeout
+        while True:
+            for s in [s for s in session.pushed if s < session.length]:
+                del session.pushed[s]
+            request = session.pushed.pop(session.length, None)
+            if request is not None:
+                return request, True
+            if session.request_task is None:
+                session.request_task = asyncio.ensure_future(requests.__anext__())
+            session.push_event.clear()
+            push_wait = asyncio.ensure_future(session.push_event.wait())
+            try:
+                done, _ = await asyncio.wait({session.request_task, push_wait, stopped}, timeout=timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                push_wait.cancel()
+            if session.request_task in done:
+                task, session.request_task = session.request_task, None
+                try:
+                    return task.result(), False
+                except StopAsyncIteration:
+                    return None, False
+            if push_wait in done:
+                continue
+            if self.leaving.is_set():
+                raise PeerLeaving(f"peer {self.peer_id} is leaving the swarm; moved: continue on another peer")
+            if session.ended.is_set():
+                raise PeerLeaving(f"peer {self.peer_id} moved to blocks {self.start_block}:{self.end_block}; "
+                                  "continue on another peer")
+            raise TimeoutError(f"session closed after {timeout:.0f}s without a request")
 
 
 async def _bounded(coro, timeout: float, what: str) -> None:

@@ -12,7 +12,18 @@ Inference (``RPC_INFERENCE``, a bidirectional stream, one per session and peer):
   ``[attention_mask [batch, new_tokens]]`` (1 = real token, 0 = padding); metadata ``{"step": int}``;
 - a replay request (``{"replay": [n_1, n_2, ...]}``) carries the concatenation of earlier steps' hidden states
   and masks, which the peer processes as separate steps of ``n_i`` tokens to rebuild a lost KV cache exactly;
-- each response: tensors ``[hidden_states [batch, new_tokens, hidden]]``, metadata ``{"step": int}``.
+- each response: tensors ``[hidden_states [batch, new_tokens, hidden]]``, metadata ``{"step": int}``;
+- push (optional): the first request may name the next peer of the chain (``"push_to"``: its peer id,
+  ``"push_session"``: the session id there, ``"push_addrs"``: its multiaddrs) and the previous peer
+  (``"push_from"``). A peer with ``push_to`` sends each
+  step's output to that peer's ``RPC_PUSH`` as soon as it is computed; a peer with ``push_from`` accepts such
+  pushes from that peer only and computes each step from whichever copy arrives first (the push, or the
+  client's request with the same ``"step"``, the session's token count before the step), answering once.
+  Replays are never pushed.
+
+Push (``RPC_PUSH``, unary): tensors ``[hidden_states, (attention_mask)]`` as in a step request, metadata
+``{"session_id": str, "step": int}``; an empty response. Pushes for unknown sessions or from other peers are
+ignored.
 
 Forward (``RPC_FORWARD``): one request ``{"start", "end"}`` with ``[hidden_states, (attention_mask)]``; one
 response with the output hidden states. No cache is kept.
@@ -27,6 +38,7 @@ import msgpack
 RPC_INFO = "swarm.info"
 RPC_FORWARD = "swarm.forward"
 RPC_INFERENCE = "swarm.inference"
+RPC_PUSH = "swarm.push"  # a peer sends a step's output to the next peer of the chain
 RPC_PING = "swarm.ping"  # unary echo of a payload's size: round-trip time and bandwidth probes
 MAX_PING_BYTES = 1 << 20
 

@@ -93,6 +93,10 @@ class PeerRecord:
     cache_memory_bytes: int = 0
     addrs: List[str] = field(default_factory=list)
     network: Dict[str, List[float]] = field(default_factory=dict)  # peer id -> [rtt_s, bandwidth_bytes_per_s]
+    # placement (older readers ignore these fields; a record without them reads as a fixed peer of unknown size)
+    max_blocks: int = 0  # most blocks this peer can hold; 0: unknown (assume its span)
+    balancing: bool = False  # it moves itself when the swarm's rebalancing plan says so
+    moving: float = 0.0  # wall-clock time its current move began (it loads or drains a span); 0 when not moving
     version: int = PROTOCOL_VERSION
     timestamp: float = 0.0
 
@@ -142,6 +146,10 @@ class PeerRecord:
                 raise RecordError("network figures must be [rtt_s, bandwidth_bytes_per_s]")
             _finite_nonneg("rtt", figures[0], 3600.0)
             _finite_nonneg("bandwidth", figures[1], 1e13)
+        _int_in("max_blocks", rec.max_blocks, 0, MAX_BLOCKS)
+        if not isinstance(rec.balancing, bool):
+            raise RecordError("balancing must be true or false")
+        rec.moving = _finite_nonneg("moving", rec.moving, 1e11)
         _int_in("version", rec.version, 0, 1 << 30)
         rec.timestamp = _finite_nonneg("timestamp", rec.timestamp, 1e11)
         return rec

@@ -89,6 +89,8 @@ def cmd_peer(args) -> int:
             max_cache_tokens=args.max_cache_tokens, session_timeout=args.session_timeout,
             num_threads=args.num_threads, throughput=args.throughput, throttle=args.throttle,
             record_ttl=args.record_ttl, crash_at_step=args.crash_at_step, hang_at_step=args.hang_at_step,
+            balance=args.balance, rebalance_period=args.rebalance_period, rebalance_min_gain=args.rebalance_min_gain,
+            rebalance_delay=args.rebalance_delay,
         )
         return run_peer(opts)
     except (PortInUseError, ModelSpecError, ValueError) as e:
@@ -209,7 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="local path or Hugging Face hub id (default: the embedded model)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--blocks", type=_blocks, default=None, help="START:END, the blocks to serve")
-    g.add_argument("--num-blocks", type=int, default=None, help="serve this many blocks where the swarm needs them")
+    g.add_argument("--num-blocks", type=int, default=None,
+                   help="hold at most this many blocks: the peer picks its span from the swarm's announced figures "
+                        "and moves when the swarm's rebalancing plan says so")
+    p.add_argument("--balance", action="store_true",
+                   help="with --blocks: start on that span, then move like a --num-blocks peer (at most as many blocks)")
+    p.add_argument("--rebalance-period", type=float, default=3.0,
+                   help="seconds between a balancing peer's placement checks (x0.5..1.5 jitter)")
+    p.add_argument("--rebalance-delay", type=float, default=0.0,
+                   help="seconds after start before the first placement check")
+    p.add_argument("--rebalance-min-gain", type=float, default=0.1,
+                   help="move only if the swarm's estimated throughput rises by this fraction (hysteresis)")
     g2 = p.add_mutually_exclusive_group(required=True)
     g2.add_argument("--initial-peers", nargs="+", default=[], help="multiaddrs of peers already in the swarm")
     g2.add_argument("--new-swarm", action="store_true", help="start a new swarm (no initial peers)")

@@ -224,6 +224,21 @@ class _PeerFailed(Exception):
         super().__init__(f"peer {peer_id} failed: {reason}")
 
 
+def _link_for_push(hops: List["_HopStream"]) -> None:
+    """Ask each peer of a chain to push its step outputs straight to the next peer (as Petals does): a decode
+    step then crosses client -> peer 1 -> peer 2 -> ... -> client, one network leg per hop plus one, instead of a
+    round trip to the client per hop. The client still receives every peer's output and sends it on itself, so
+    its per-hop history (for replay) is unchanged and a lost push costs nothing but time; a peer computes each
+    step once, from whichever copy arrives first."""
+    for prev, nxt in zip(hops, hops[1:]):
+        if prev.pending_open is None or nxt.pending_open is None or prev.peer_id == nxt.peer_id:
+            continue
+        prev.pending_open["push_to"] = nxt.peer_id
+        prev.pending_open["push_session"] = nxt.pending_open["session_id"]
+        prev.pending_open["push_addrs"] = list(nxt.record.addrs[:8])
+        nxt.pending_open["push_from"] = prev.peer_id
+
+
 def _concat_history(history: List[tuple]):
     """Join per-step inputs into one replay message: hidden ``[batch, sum(n_i), hidden]``, mask or None, [n_i]."""
     hidden = torch.cat([h for h, _ in history], dim=1)
@@ -296,6 +311,8 @@ class InferenceSession:
                             opened.close()
                         raise _PeerFailed(h.peer_id, str(e))
                     hops.append(hop)
+                if model.push:
+                    _link_for_push(hops)
                 return hops
             except (NoRouteError, _PeerFailed) as e:
                 if time.monotonic() + delay > deadline:
@@ -310,6 +327,7 @@ class InferenceSession:
                             pass
                         raise SwarmError(f"{e} (waited {model.retry_timeout:.0f}s for a peer)") from e
                     raise SwarmError(f"could not build a chain for blocks {start}:{end}: {e}") from e
+                model.stats["chain_retries"] += 1
                 log = logger.info if delay <= 0.2 else logger.debug  # say it once, not every retry
                 log("no usable chain for blocks %d:%d yet (%s); retrying until %.0fs have passed", start, end, e,
                     model.retry_timeout)
@@ -359,6 +377,7 @@ class InferenceSession:
                 logger.warning("session %s: %s; replacing blocks %d:%d", self.session_id[:8], e,
                                hop.hop.start, hop.hop.end)
                 self.hops[i:i + 1] = await self._replace(i, deadline)
+                self.model.stats["failovers"] += 1
                 self.failovers.append({"peer_id": e.peer_id, "reason": e.reason, "detected_at": failed_at,
                                        "recovered_at": time.time(), "blocks": (hop.hop.start, hop.hop.end)})
                 continue
@@ -417,8 +436,9 @@ class DistributedModelForCausalLM:
 
     def __init__(self, checkpoint: Checkpoint, initial_peers: Sequence[str], *, dtype: str = "auto",
                  device: str = "cpu", retry_timeout: float = 60.0, min_step_timeout: float = 3.0, step_timeout_factor: float = 20.0,
-                 ban_seconds: float = 30.0):
+                 ban_seconds: float = 30.0, push: bool = True):
         self.checkpoint = checkpoint
+        self.push = push  # peers of a chain send their outputs straight to the next peer (see _link_for_push)
         self.config = checkpoint.config
         self.model_uid = checkpoint.model_uid
         self.num_blocks = checkpoint.num_blocks
@@ -428,6 +448,8 @@ class DistributedModelForCausalLM:
         self.step_timeout = max(min_step_timeout, 30.0)  # for requests without a known expected time
         self.ban_seconds = ban_seconds
         self._bans: Dict[str, tuple] = {}  # peer id -> (banned at, reason)
+        # over this client's life: failed hops recovered, waits for a usable chain, peers banned
+        self.stats: Dict[str, int] = {"failovers": 0, "chain_retries": 0, "bans": 0}
         meta = build_meta_model(self.config)
         base = meta.base_model
         prefix = meta.base_model_prefix
@@ -457,6 +479,7 @@ class DistributedModelForCausalLM:
 
     def _ban(self, peer_id: str, reason: str) -> None:
         logger.info("not using peer %s for %.0fs: %s", peer_id, self.ban_seconds, reason)
+        self.stats["bans"] += 1
         self._bans[peer_id] = (time.time(), reason)
 
     def _banned_ids(self) -> set:
