@@ -104,6 +104,7 @@ class Session:
         # pushes by step until the session reaches them
         self.push_to: Optional[PeerID] = None
         self.push_session = ""  # the next peer's id for this session
+        self.push_queue: Optional[asyncio.Queue] = None  # messages for the push stream, None ends it
         self.push_from: Optional[str] = None
         self.pushed: Dict[int, runtime_pb2.ExpertRequest] = {}
         self.push_event = asyncio.Event()
@@ -194,7 +195,9 @@ class Peer:
             self.decode_sps /= opts.throttle
         await self.p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, runtime_pb2.ExpertRequest)
         await self.p2p.add_protobuf_handler(RPC_PING, self.rpc_ping, runtime_pb2.ExpertRequest)
-        await self.p2p.add_protobuf_handler(RPC_PUSH, self.rpc_push, runtime_pb2.ExpertRequest)
+        await self.p2p.add_protobuf_handler(
+            RPC_PUSH, self.rpc_push, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+        )
         await self.p2p.add_protobuf_handler(
             RPC_FORWARD, self.rpc_forward, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
         )
@@ -707,6 +710,8 @@ class Peer:
             stopped.cancel()
             if session.request_task is not None:
                 session.request_task.cancel()
+            if session.push_queue is not None:
+                session.push_queue.put_nowait(None)
             self._close_session(session)
 
     def _setup_push(self, session: Session, meta) -> None:
@@ -728,37 +733,52 @@ class Peer:
 
     def _push(self, session: Session, step: int, encoded: runtime_pb2.Tensor, request) -> None:
         """Send a step's output (and the step's attention mask, if any) to the session's next peer, in the
-        background. A failed push stops pushing for this session: the client sends every step itself anyway."""
+        background, over one stream per session (opened at the first push, closed with the session). A failed
+        stream stops pushing for this session: the client sends every step itself anyway."""
         message = runtime_pb2.ExpertRequest(
             tensors=[encoded, *request.tensors[1:2]], metadata=pack({"session_id": session.push_session, "step": step})
         )
+        if session.push_queue is None:
+            session.push_queue = asyncio.Queue()
+            task = asyncio.ensure_future(self._push_stream(session, session.push_queue))
+            self._push_tasks.add(task)
+            task.add_done_callback(self._push_tasks.discard)
+        session.push_queue.put_nowait(message)
 
-        async def send():
-            try:
-                await asyncio.wait_for(
-                    self.p2p.call_protobuf_handler(session.push_to, RPC_PUSH, message, runtime_pb2.ExpertResponse),
-                    timeout=10.0,
-                )
-            except Exception as e:
-                if session.push_to is not None:
-                    logger.info("session %s: push to %s failed (%s); the client carries its steps", session.session_id[:8],
-                                str(session.push_to)[-6:], type(e).__name__)
-                session.push_to = None
+    async def _push_stream(self, session: Session, queue: asyncio.Queue) -> None:
+        async def messages():
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                yield item
 
-        task = asyncio.ensure_future(send())
-        self._push_tasks.add(task)
-        task.add_done_callback(self._push_tasks.discard)
+        try:
+            outputs = await self.p2p.iterate_protobuf_handler(session.push_to, RPC_PUSH, messages(),
+                                                              runtime_pb2.ExpertResponse)
+            async for _ in outputs:  # the next peer answers nothing; this ends when the stream does
+                pass
+        except Exception as e:
+            if session.push_to is not None and session.session_id in self.sessions:
+                logger.info("session %s: push to %s failed (%s); the client carries its steps",
+                            session.session_id[:8], str(session.push_to)[-6:], type(e).__name__)
+        finally:
+            session.push_to = None
 
-    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        """A previous peer's output for a step of a session open here (see :mod:`protocols.messages`)."""
-        meta = unpack(request.metadata)
-        session = self.sessions.get(get_str(meta, "session_id", MAX_SESSION_ID))
-        step = get_int(meta, "step", 0, 1 << 30)
-        if (session is not None and session.push_from == context.remote_id.to_base58()
-                and step >= session.length and len(session.pushed) < 4):
-            session.pushed[step] = request
-            session.push_event.set()
-        return runtime_pb2.ExpertResponse()
+    async def rpc_push(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
+        """Previous peers' outputs for steps of sessions open here (see :mod:`protocols.messages`); answers
+        nothing. A malformed push ends the stream (the client carries those steps)."""
+        sender = context.remote_id.to_base58()
+        async for request in requests:
+            meta = unpack(request.metadata)
+            session = self.sessions.get(get_str(meta, "session_id", MAX_SESSION_ID))
+            step = get_int(meta, "step", 0, 1 << 30)
+            if (session is not None and session.push_from == sender and step >= session.length
+                    and len(session.pushed) < 4):
+                session.pushed[step] = request
+                session.push_event.set()
+        return
+        yield  # an async generator that yields nothing
 
     async def _next_input(self, requests: AsyncIterator, session: Session, stopped: asyncio.Future):
         """The next input of a session that takes pushes: ``(request, pushed)``, where a push for the session's

@@ -21,9 +21,9 @@ Inference (``RPC_INFERENCE``, a bidirectional stream, one per session and peer):
   client's request with the same ``"step"``, the session's token count before the step), answering once.
   Replays are never pushed.
 
-Push (``RPC_PUSH``, unary): tensors ``[hidden_states, (attention_mask)]`` as in a step request, metadata
-``{"session_id": str, "step": int}``; an empty response. Pushes for unknown sessions or from other peers are
-ignored.
+Push (``RPC_PUSH``, a stream from a peer to the next peer of a chain, one per session): each request carries
+tensors ``[hidden_states, (attention_mask)]`` as in a step request and metadata ``{"session_id": str, "step":
+int}``; there are no responses. Pushes for unknown sessions or from other peers are ignored.
 
 Forward (``RPC_FORWARD``): one request ``{"start", "end"}`` with ``[hidden_states, (attention_mask)]``; one
 response with the output hidden states. No cache is kept.
