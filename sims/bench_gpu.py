@@ -79,6 +79,11 @@ def main(argv=None) -> int:
     parser.add_argument("--path", default="/tmp/llama-8b-random")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=14336)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--log-dir", default=None, help="keep the peers' logs here")
+    parser.add_argument("--client-device", default="cuda", help="where the client runs embeddings and the LM head")
     parser.add_argument("--out", default="out/bench_gpu.json")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -88,13 +93,14 @@ def main(argv=None) -> int:
     from swarm.client import DistributedModelForCausalLM
 
     t0 = time.perf_counter()
-    path = build_random_checkpoint(args.path, layers=args.layers, hidden=4096, intermediate=14336, heads=32,
-                                   kv_heads=8, vocab=128256)
+    path = build_random_checkpoint(args.path, layers=args.layers, hidden=args.hidden,
+                                   intermediate=args.intermediate, heads=32, kv_heads=8, vocab=args.vocab)
     print(f"checkpoint ready in {time.perf_counter() - t0:.0f}s: {path}", flush=True)
     g = torch.Generator().manual_seed(0)
-    p1 = torch.randint(3, 128000, (1, 16), generator=g)
-    p16 = torch.randint(3, 128000, (16, 16), generator=g)
-    p2048 = torch.randint(3, 128000, (1, 2048), generator=g)
+    top = min(args.vocab, 128000)
+    p1 = torch.randint(3, top, (1, 16), generator=g)
+    p16 = torch.randint(3, top, (16, 16), generator=g)
+    p2048 = torch.randint(3, top, (1, 2048), generator=g)
     n = args.new_tokens
 
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda").eval()
@@ -117,9 +123,10 @@ def main(argv=None) -> int:
     half = args.layers // 2
     peer_args = ["--device", "cuda", "--dtype", "bfloat16", "--max-cache-tokens", "200000"]
     with LocalSwarm(path, spans=[(0, half), (half, args.layers)], peer_args=peer_args, num_threads=None,
-                    ready_timeout=600) as swarm:
+                    ready_timeout=600, log_dir=args.log_dir) as swarm:
         print(f"swarm ready in {swarm.ready_seconds:.1f}s", flush=True)
-        with DistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers, device="cuda",
+        with DistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
+                                                         device=args.client_device,
                                                          dtype="bfloat16") as client:
             def swarm_gen(ids, new):
                 return client.generate(ids, max_new_tokens=new, eos_token_id=[])

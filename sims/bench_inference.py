@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", default="out/bench_inference.json")
     parser.add_argument("--skip-memory", action="store_true", help="skip the peer memory check on a wider model")
+    parser.add_argument("--peer-threads", type=int, default=1, help="torch threads per peer")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers import AutoModelForCausalLM
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     ref_rss = psutil.Process().memory_info().rss
 
     # ---- swarm
-    with LocalSwarm(path, num_peers=3, spans=[(0, 4), (4, 8), (0, 4)]) as swarm:
+    with LocalSwarm(path, num_peers=3, spans=[(0, 4), (4, 8), (0, 4)], num_threads=args.peer_threads) as swarm:
         ready = swarm.ready_seconds
         rss = [psutil.Process(p.proc.pid).memory_info().rss for p in swarm.peers]
         with DistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers) as client:
@@ -145,6 +146,9 @@ def main(argv=None) -> int:
 
             _run(swarm_generate, p16, ones(p16), 4)
             dist = _measure(swarm_generate, prompts, args.reps)
+            client.push = False  # before/after: the client carries every hop's output itself
+            decode_only = {k: v for k, v in prompts.items() if k != "prefill512"}
+            no_push = _measure(swarm_generate, decode_only, args.reps)
         full = swarm.add_peer((0, 8))
         rss_full = psutil.Process(full.proc.pid).memory_info().rss
 
@@ -165,6 +169,12 @@ def main(argv=None) -> int:
         table[label] = {"transformers": a, "swarm": b, "ratio": b / a}
         print(f"{label:38s} {a:13.3f} {b:10.3f} {b / a:19.2f}")
     mib = 1 / 2**20
+    print("without peer-to-peer push (the client carries each hop's output to the next peer):")
+    for label, key in (("tokens/s, batch 1", "batch1"), ("new tokens/s, batch 4", "batch4")):
+        a, b = local[key]["tokens_per_s"], no_push[key]["tokens_per_s"]
+        table[label + ", no push"] = {"transformers": a, "swarm": b, "ratio": b / a}
+        print(f"  {label:36s} {a:13.3f} {b:10.3f} {b / a:19.2f}")
+    same = same and all(torch.equal(local[k]["output"], no_push[k]["output"]) for k in no_push)
     print(f"{'swarm ready after start (s)':38s} {'-':>13s} {ready:10.2f}")
     print(f"{'peer RSS, 4 of 8 blocks (MiB)':38s} {'-':>13s} {statistics.mean(rss) * mib:10.0f}")
     print(f"{'peer RSS, 8 of 8 blocks (MiB)':38s} {'-':>13s} {rss_full * mib:10.0f}")
