@@ -38,21 +38,23 @@ def _simulate(records, min_gain=0.1, max_moves=10):
 
 
 # the live scenario: a slow peer holds every block, three fast ones are stacked on the middle blocks
-POOR = [_record("a-slow", (0, 8), 100.0), _record("b-fast", (2, 6), 1000.0), _record("c-fast", (2, 6), 1000.0),
-        _record("d-fast", (2, 6), 1000.0)]
+def _poor():
+    """Fresh records (timestamped now: readers drop records older than 1.5 TTL)."""
+    return [_record("a-slow", (0, 8), 100.0), _record("b-fast", (2, 6), 1000.0), _record("c-fast", (2, 6), 1000.0),
+            _record("d-fast", (2, 6), 1000.0)]
 
 
 def test_plan_converges_and_each_move_passes_the_hysteresis():
-    seen = _simulate(POOR)
+    seen = _simulate(_poor())
     assert len(seen) >= 3  # several moves, one at a time
-    est = [rb.estimate(rb.swarm_view(POOR, MODEL), pl) for pl in seen]
+    est = [rb.estimate(rb.swarm_view(_poor(), MODEL), pl) for pl in seen]
     assert all(b >= a * 1.1 for a, b in zip(est, est[1:]))
     assert est[-1] > 5 * est[0]
     assert rb.unserved_blocks(seen[-1], L) == []
 
 
 def test_no_move_when_the_gain_is_below_the_threshold():
-    for records in (POOR, [_record("a-slow", (0, 8), 100.0), _record("b-fast", (0, 2), 1000.0, cap=4),
+    for records in (_poor(), [_record("a-slow", (0, 8), 100.0), _record("b-fast", (0, 2), 1000.0, cap=4),
                            _record("c-fast", (2, 6), 1000.0), _record("d-fast", (5, 8), 1000.0, cap=4)]):
         view = rb.swarm_view(records, MODEL)
         small, _ = rb.decide(view, min_gain=0.01)
@@ -64,9 +66,9 @@ def test_no_move_when_the_gain_is_below_the_threshold():
         decision, why = rb.decide(view, min_gain=100.0)
         assert decision is None, why
     # a fixed peer (no --balance) is never the one to move
-    first = rb.decide(rb.swarm_view(POOR, MODEL))[0].peer_id
+    first = rb.decide(rb.swarm_view(_poor(), MODEL))[0].peer_id
     fixed = [_record(r.peer_id, (r.start, r.end), r.decode_sps, cap=r.max_blocks, balancing=r.peer_id != first)
-             for r in POOR]
+             for r in _poor()]
     decision, _ = rb.decide(rb.swarm_view(fixed, MODEL))
     assert decision is None or decision.peer_id != first
 
@@ -127,7 +129,7 @@ class _FakePeer:
 def test_only_the_planned_peer_moves_and_one_at_a_time():
     async def main():
         store = {}
-        peers = [_FakePeer(store, r) for r in POOR]
+        peers = [_FakePeer(store, r) for r in _poor()]
         bals = [rb.Rebalancer(p, period=0.05, settle=0.1) for p in peers]
         tasks = [asyncio.ensure_future(b.run()) for b in bals]
         await asyncio.sleep(4.0)
@@ -142,7 +144,7 @@ def test_only_the_planned_peer_moves_and_one_at_a_time():
     for (t1, *_), (t2, *_) in zip(moves, moves[1:]):
         assert t2 - t1 >= 0.3  # the next move began after the previous one had drained
     final = {p.peer_id_str: (p.rec.start, p.rec.end) for p in peers}
-    assert final == _simulate(POOR)[-1]
+    assert final == _simulate(_poor())[-1]
 
 
 def test_two_claims_at_once_do_not_both_move():
@@ -153,7 +155,7 @@ def test_two_claims_at_once_do_not_both_move():
 
     async def main(stagger):
         store = {}
-        a, b = _FakePeer(store, POOR[1]), _FakePeer(store, POOR[2])
+        a, b = _FakePeer(store, _poor()[1]), _FakePeer(store, _poor()[2])
         ra = rb.Rebalancer(a, settle=0.3, decide_fn=pinned(a.peer_id_str))
         rb_ = rb.Rebalancer(b, settle=0.3, decide_fn=pinned(b.peer_id_str))
 
