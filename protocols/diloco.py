@@ -429,6 +429,8 @@ class DiLoCoConfig:
     :param allreduce_timeout: seconds one all-reduce may take
     :param next_chunk_timeout: seconds without a tensor part before a groupmate is dropped from the round
     :param progress_ttl: seconds a progress record lives unless refreshed
+    :param lonely_retries: times an outer step that expected others but found no group by its deadline waits
+      ``min_wait + slack`` seconds more (same group key) before the peer steps alone
     """
 
     outer_lr: float = 0.7
@@ -442,6 +444,7 @@ class DiLoCoConfig:
     allreduce_timeout: float = 120.0
     next_chunk_timeout: float = 5.0
     progress_ttl: float = 15.0
+    lonely_retries: int = 2
 
     def __post_init__(self):
         if self.min_matchmaking_time <= self.request_timeout:
@@ -615,7 +618,8 @@ class DiLoCoSync:
         if expected_group is None or expected_group > 1:
             with self.averager.get_tensors() as buffers:
                 local = [b.clone() for b in buffers]
-            for attempt in range(3):
+            attempt, waits_more = 0, 0
+            while attempt < 3:
                 retries = attempt
                 failed_before = self.averager.traffic.snapshot()["failed_reducers"]
                 try:
@@ -641,6 +645,16 @@ class DiLoCoSync:
                     if expected_group == 1:
                         gathered = None
                         break
+                    attempt += 1
+                    continue
+                if (not gathered and "could not find a group" in error and expected_group is not None
+                        and expected_group > 1 and waits_more < cfg.lonely_retries):
+                    # other peers were expected but none came by the deadline (a slow or loaded groupmate):
+                    # wait once more for them under the same group key rather than step alone
+                    waits_more += 1
+                    deadline = get_dht_time() + cfg.min_wait + cfg.slack
+                    logger.info("outer step %d: no group by the deadline while %d peers were expected; waiting "
+                                "%.0f s more", self.outer_step_count + 1, expected_group, cfg.min_wait + cfg.slack)
                     continue
                 break
             if gathered:

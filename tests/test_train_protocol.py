@@ -121,3 +121,27 @@ def test_outer_step_averages_pseudo_gradients_and_applies_nesterov(two_syncs):
     # the state a joining peer downloads: anchor, momentum and step number
     metadata, tensors = a._shared_state()
     assert metadata["outer_step"] == 1 and metadata["has_momentum"] and len(tensors) == 2 * len(anchor)
+
+
+def test_a_late_groupmate_is_waited_for_instead_of_stepping_alone(two_syncs):
+    """A peer that expects others but finds no group by its deadline (its groupmate is slow, e.g. on a loaded
+    machine) waits once more under the same group key instead of stepping alone."""
+    import time
+
+    from hivemind.utils import get_dht_time
+
+    a, b = two_syncs
+    reports = [None, None]
+
+    def run(i, sync, delay):
+        time.sleep(delay)
+        reports[i] = sync.outer_step(weight=1.0, expected_group=2, deadline=get_dht_time() + 2.0)
+
+    threads = [threading.Thread(target=run, args=(0, a, 0.0)), threading.Thread(target=run, args=(1, b, 12.0))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert all(r is not None for r in reports)
+    assert [r.group_size for r in reports] == [2, 2], reports
+    assert a.outer_step_count == b.outer_step_count == 1
