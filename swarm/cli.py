@@ -34,6 +34,40 @@ def resolve_model(model: Optional[str]) -> str:
     return default_model_path()
 
 
+def _check_device(device: str) -> None:
+    """:raises ValueError: if ``device`` is not one this machine's torch can use."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown --device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch build sees no CUDA device (torch {torch.__version__})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
 def _blocks(text: str):
     try:
         start, end = (int(x) for x in text.split(":"))
@@ -82,6 +116,7 @@ def cmd_peer(args) -> int:
     from protocols.transport import PortInUseError
 
     try:
+        _check_device(args.device)
         opts = PeerOptions(
             model=resolve_model(args.model), blocks=args.blocks, num_blocks=args.num_blocks,
             initial_peers=args.initial_peers, new_swarm=args.new_swarm, host_maddrs=args.host_maddrs,
@@ -125,7 +160,10 @@ def _generate(args) -> int:
 
     from swarm.client import DistributedModelForCausalLM
 
+    from protocols.model_spec import Checkpoint
+
     model_path = resolve_model(args.model)
+    Checkpoint(model_path)  # an unknown model or path is a ModelSpecError (one line), not a loader traceback
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -188,12 +226,17 @@ def _generate(args) -> int:
 
 # ------------------------------------------------------------------------------------------------ sim
 def cmd_sim(args) -> int:
+    from protocols.model_spec import ModelSpecError
     from sims.local_swarm import run_sim_up
 
-    return run_sim_up(
-        model=resolve_model(args.model), num_peers=args.peers, blocks_per_peer=args.blocks_per_peer,
-        host=args.host, extra_peer_args=args.peer_args or [],
-    )
+    try:
+        return run_sim_up(
+            model=resolve_model(args.model), num_peers=args.peers, blocks_per_peer=args.blocks_per_peer,
+            host=args.host, extra_peer_args=args.peer_args or [],
+        )
+    except (ModelSpecError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--identity", default=None, help="path of a persistent Ed25519 key (created if missing)")
-    p.add_argument("--max-cache-tokens", type=int, default=65536,
+    p.add_argument("--max-cache-tokens", type=_positive_int, default=65536,
                    help="KV-cache budget of each block: tokens (batch x length) summed over all sessions")
     p.add_argument("--session-timeout", type=float, default=300.0, help="close idle sessions after this many seconds")
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
@@ -250,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-p", type=_probability, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object with token ids and text")

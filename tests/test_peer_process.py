@@ -241,3 +241,22 @@ def test_bad_options_fail_before_joining(mha_model):
         assert proc.returncode == 2 and text in proc.stderr
         assert proc.stderr.count("error:") == 1
         assert "leaving" not in proc.stderr + proc.stdout
+
+
+def test_more_user_mistakes_are_one_line_errors(mha_model, tmp_path):
+    """Found by a new user: each of these used to print a traceback or to be accepted silently."""
+    peer = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWSq7mDhKjPFWuW8XVVxvnLk2uBLvCujEge1c8B8cYNo6G"
+    cases = [
+        (["generate", "--model", str(tmp_path / "nothing"), "--initial-peers", peer, "--prompt", "hi"], "nothing"),
+        (["peer", "--model", mha_model, "--new-swarm", "--device", "no-such-device"], "--device"),
+        (["peer", "--model", mha_model, "--new-swarm", "--max-cache-tokens", "-5"], "--max-cache-tokens"),
+        (["generate", "--model", mha_model, "--initial-peers", peer, "--prompt", "hi", "--top-p", "1.5"], "--top-p"),
+        (["sim", "up", "--model", mha_model, "--peers", "0"], "cannot cover"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["peer", "--model", mha_model, "--new-swarm", "--device", "cuda"], "CUDA"))
+    for args, text in cases:
+        proc = subprocess.run(_swarm_cmd(*args), capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        assert proc.returncode == 2, (args, proc.returncode, proc.stderr[-500:])
+        assert text in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr[-500:])
