@@ -271,6 +271,8 @@ class TrainingPeer:
         sync_cfg = DiLoCoConfig(outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum,
                                 compression=cfg.compression, min_wait=cfg.min_wait, max_wait=cfg.max_wait)
         self.sync = DiLoCoSync(list(self.model.parameters()), self.dht, run_id=cfg.run_id, config=sync_cfg)
+        if getattr(self, "_stop_signals", False):  # starting the averager process leaves SIGINT ignored here
+            install_signal_handlers(self)
         self.peer_name = self.dht.peer_id.to_base58()[-6:]
         self.visible_maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
         logger.info("peer %s up, run %r, shard %d/%d; DHT at %s", self.peer_name, cfg.run_id, cfg.shard,
@@ -584,6 +586,8 @@ def plot_loss_curves(histories: Dict[str, Dict[str, List[Dict[str, Any]]]], path
 
 
 def install_signal_handlers(peer: TrainingPeer) -> None:
-    """SIGTERM / SIGINT make the peer leave gracefully after its current inner step."""
+    """SIGTERM / SIGINT make the peer leave gracefully after its current inner step (installed again once the
+    peer's network is up, because starting hivemind's averager process sets SIGINT to be ignored)."""
+    peer._stop_signals = True
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: peer.stop())

@@ -154,3 +154,31 @@ def test_train_cli_requires_a_swarm_choice(tiny_model, tmp_path, capsys):
 
     assert main(["train", "--model", tiny_model, "--run-dir", str(tmp_path / "x")]) == 2
     assert "--new-swarm" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_a_training_peer(tiny_model, swarm_home, tmp_path):
+    """SIGINT (Ctrl-C) makes a training peer leave after its current inner step: starting hivemind's averager
+    process once left SIGINT ignored, so Ctrl-C did nothing."""
+    import signal
+    import subprocess
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "swarm.cli", "train", "--model", tiny_model, "--new-swarm", "--run-dir", str(run_dir),
+         "--inner-steps", "1000", "--outer-steps", "5", "--batch-size", "2", "--seq-len", "32",
+         "--eval-sequences", "2", "--no-save-model"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT)),
+    )
+    try:
+        for line in proc.stdout:
+            if line.startswith("TRAIN_READY"):
+                break
+        time.sleep(2)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        assert (run_dir / "checkpoint.pt").exists() or (run_dir / "summary.json").exists()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
