@@ -79,6 +79,18 @@ class RebalancePlan:
             yield dict(cur)
 
 
+def _record_move(plan: "RebalancePlan", pid: str, s: int, k: int, cur: Placement, prof, count, curves, h_of) -> None:
+    """Apply the move of ``pid`` to ``[s, s + k)`` to the working placement and append it to ``plan``; a peer that
+    is the only server of some of its old blocks moves ``via`` the hull of both spans (make before break)."""
+    old = cur[pid]
+    c_old = count.copy()
+    c_old[old[0]:old[1]] -= 1
+    alone = bool(((c_old <= 0) & (count > 0))[old[0]:old[1]].any())
+    via = (min(old[0], s), max(old[1], s + k)) if alone else None
+    apply_move(pid, s, k, cur, prof, count, curves, h_of)
+    plan.moves.append(Move(pid, old, (s, s + k), via))
+
+
 def unserved_blocks(placement: Placement, num_blocks: int) -> List[int]:
     """Blocks no span of ``placement`` holds."""
     count = supply_profile(num_blocks, [(s, e, 1.0) for s, e in placement.values()])
@@ -162,13 +174,7 @@ def plan_rebalance(peers: Sequence[PeerSpec], model: ModelSpec, placement: Place
             continue
         if not fills and g < min_gain * float(curves[pid].max()):
             continue
-        old = cur[pid]
-        c_old = count.copy()
-        c_old[old[0]:old[1]] -= 1
-        alone = bool(((c_old <= 0) & (count > 0))[old[0]:old[1]].any())
-        via = (min(old[0], s), max(old[1], s + k)) if alone else None
-        apply_move(pid, s, k, cur, prof, count, curves, h_of)
-        plan.moves.append(Move(pid, old, (s, s + k), via))
+        _record_move(plan, pid, s, k, cur, prof, count, curves, h_of)
         moved.add(pid)
     plan.min_after = float(prof.min())
     return plan
@@ -217,13 +223,7 @@ def _plan_with_evaluator(plan: RebalancePlan, cur: Placement, curves: Dict[str, 
         if best is None:
             break
         v, pid, s, k = best
-        old = cur[pid]
-        c_old = count.copy()
-        c_old[old[0]:old[1]] -= 1
-        alone = bool(((c_old <= 0) & (count > 0))[old[0]:old[1]].any())
-        via = (min(old[0], s), max(old[1], s + k)) if alone else None
-        apply_move(pid, s, k, cur, prof, count, curves, h_of)
-        plan.moves.append(Move(pid, old, (s, s + k), via))
+        _record_move(plan, pid, s, k, cur, prof, count, curves, h_of)
         moved.add(pid)
         value = v
     plan.min_after = float(prof.min())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import os
 import signal
@@ -50,6 +51,21 @@ def _internal_error(e: Exception, what: str) -> Exception:
         return e
     logger.error("%s failed: %s: %s", what, type(e).__name__, e, exc_info=e)
     return RuntimeError(f"internal error in {what}: {type(e).__name__}: {e}")
+
+
+def _naming_errors(what: str):
+    """Wrap a streaming RPC handler (an async generator) so its unexpected errors pass through
+    :func:`_internal_error`."""
+    def wrap(handler):
+        @functools.wraps(handler)
+        async def wrapped(self, requests, context):
+            try:
+                async for response in handler(self, requests, context):
+                    yield response
+            except Exception as e:
+                raise _internal_error(e, what) from e
+        return wrapped
+    return wrap
 
 
 class PeerLeaving(RuntimeError):
@@ -498,14 +514,8 @@ class Peer:
                 raise ProtocolError("attention mask must hold only 0 and 1")
         return hidden, mask
 
+    @_naming_errors("a forward pass")
     async def rpc_forward(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
-        try:
-            async for response in self._forward(requests):
-                yield response
-        except Exception as e:
-            raise _internal_error(e, "a forward pass") from e
-
-    async def _forward(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]):
         async for request in requests:
             meta = unpack(request.metadata)
             start, end = self._check_range(meta)
@@ -635,14 +645,8 @@ class Peer:
             logger.warning("going silent on purpose at inference step %d (--hang-at-step)", self.steps_received)
             await asyncio.sleep(3600)
 
+    @_naming_errors("an inference session")
     async def rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
-        try:
-            async for response in self._inference(requests):
-                yield response
-        except Exception as e:
-            raise _internal_error(e, "an inference session") from e
-
-    async def _inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]):
         if self.leaving.is_set():
             raise PeerLeaving(f"peer {self.peer_id} is leaving the swarm; moved: continue on another peer")
         request = await self._next_request(requests, self.opts.session_timeout)

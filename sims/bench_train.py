@@ -483,6 +483,17 @@ def _ten_step_means(history: Dict[str, list]) -> Dict[str, list]:
     return dict(history, inner=inner)
 
 
+def markdown_table(rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table with padded columns; ``rows[0]`` is the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for j, row in enumerate(rows):
+        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+        if j == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
 def format_table(results: List[Dict[str, Any]]) -> str:
     base = results[0]
     rows = [("run", "val loss", "vs baseline", "bytes sent (all workers)", "fewer bytes", "outer steps", "wall s")]
@@ -495,13 +506,7 @@ def format_table(results: List[Dict[str, Any]]) -> str:
         rows.append((r["label"], f"{r['val_loss']:.4f}", "-" if r is base else f"{rel:+.2f}%",
                      f"{r['bytes_sent'] / 1e6:,.1f} MB", "1x" if r is base else f"{ratio:,.0f}x", outer,
                      f"{r['wall_s']:.0f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = []
-    for j, row in enumerate(rows):
-        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
-        if j == 0:
-            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return markdown_table(rows)
 
 
 def check_targets(results: List[Dict[str, Any]]) -> List[str]:

@@ -229,13 +229,9 @@ def format_table(jobs: Sequence[Job], default_lr: float) -> str:
                      ratio, " ".join(f"{v:.3f}" for v in r.get("val_curve", [])) if r else "",
                      f"{wall:.0f}", j.status + ("" if not r or not r.get("lost_outer_steps") else
                                                 f" lost {len(r['lost_outer_steps'])}")))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = []
-    for k, row in enumerate(rows):
-        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
-        if k == 0:
-            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    from sims.bench_train import markdown_table
+
+    return markdown_table(rows)
 
 
 def write_results(jobs: Sequence[Job], out: Path, default_lr: float) -> str:
