@@ -101,6 +101,7 @@ class PeerOptions:
     # testing only: SIGKILL this process when the N-th inference step arrives / stop answering at it
     crash_at_step: Optional[int] = None
     hang_at_step: Optional[int] = None
+    drop_pushes: bool = False  # testing only: say a step was pushed but never send it
 
 
 class Session:
@@ -126,6 +127,7 @@ class Session:
         self.push_event = asyncio.Event()
         self.request_task: Optional[asyncio.Future] = None  # the client's next request, while a push is awaited
         self.pushed_steps = 0  # steps computed from a push
+        self.client_steps = 0  # steps the client sent itself (used, or dropped because the push came first)
 
 
 class Peer:
@@ -568,7 +570,8 @@ class Peer:
             self.reserved_tokens -= session.reserved
             session.cache = None
             logger.info("session %s closed after %d tokens%s", session.session_id[:8], session.length,
-                        f" ({session.pushed_steps} steps from pushes)" if session.push_from is not None else "")
+                        f" ({session.pushed_steps} steps from pushes, {session.client_steps} sent by the client)"
+                        if session.push_from is not None else "")
 
     def _run_step(self, session: Session, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         b, q, _ = hidden.shape
@@ -666,6 +669,7 @@ class Peer:
                 step = meta.get("step")
                 duplicate = (not pushed and session.push_from is not None and meta.get("replay") is None
                              and isinstance(step, int) and 0 <= step < session.length)  # its push came first
+                session.client_steps += not pushed and len(request.tensors) > 0 and meta.get("replay") is None
                 if len(request.tensors) > 0 and not duplicate:
                     try:
                         hidden, mask = self._decode_hidden(request, session.batch_size)
@@ -699,10 +703,13 @@ class Peer:
                             self.pool, self._timed, lambda: self._run_steps(session, hidden, mask, chunks)
                         )
                     encoded = encode_tensor(out)
-                    if session.push_to is not None and meta.get("replay") is None and isinstance(step, int) and step >= 0:
+                    pushing = (session.push_to is not None and meta.get("replay") is None and isinstance(step, int)
+                               and step >= 0)
+                    if pushing:
                         self._push(session, step, encoded, request)
                     yield runtime_pb2.ExpertResponse(
-                        tensors=[encoded], metadata=pack({"step": meta.get("step", 0), "length": session.length})
+                        tensors=[encoded],
+                        metadata=pack({"step": meta.get("step", 0), "length": session.length, "pushed": pushing}),
                     )
                 if session.push_from is None:
                     request, pushed = await self._next_request(requests, self.opts.session_timeout, session, stopped), False
@@ -738,7 +745,9 @@ class Peer:
     def _push(self, session: Session, step: int, encoded: runtime_pb2.Tensor, request) -> None:
         """Send a step's output (and the step's attention mask, if any) to the session's next peer, in the
         background, over one stream per session (opened at the first push, closed with the session). A failed
-        stream stops pushing for this session: the client sends every step itself anyway."""
+        stream stops pushing for this session: the client then sends every step itself."""
+        if self.opts.drop_pushes:
+            return
         message = runtime_pb2.ExpertRequest(
             tensors=[encoded, *request.tensors[1:2]], metadata=pack({"session_id": session.push_session, "step": step})
         )

@@ -12,7 +12,8 @@ Inference (``RPC_INFERENCE``, a bidirectional stream, one per session and peer):
   ``[attention_mask [batch, new_tokens]]`` (1 = real token, 0 = padding); metadata ``{"step": int}``;
 - a replay request (``{"replay": [n_1, n_2, ...]}``) carries the concatenation of earlier steps' hidden states
   and masks, which the peer processes as separate steps of ``n_i`` tokens to rebuild a lost KV cache exactly;
-- each response: tensors ``[hidden_states [batch, new_tokens, hidden]]``, metadata ``{"step": int}``;
+- each response: tensors ``[hidden_states [batch, new_tokens, hidden]]``, metadata ``{"step": int, "length": int,
+  "pushed": bool}`` (``pushed``: the output was also pushed to the next peer, so the client need not send it there);
 - push (optional): the first request may name the next peer of the chain (``"push_to"``: its peer id,
   ``"push_session"``: the session id there, ``"push_addrs"``: its multiaddrs) and the previous peer
   (``"push_from"``). A peer with ``push_to`` sends each

@@ -124,6 +124,7 @@ def cmd_peer(args) -> int:
             max_cache_tokens=args.max_cache_tokens, session_timeout=args.session_timeout,
             num_threads=args.num_threads, throughput=args.throughput, throttle=args.throttle,
             record_ttl=args.record_ttl, crash_at_step=args.crash_at_step, hang_at_step=args.hang_at_step,
+            drop_pushes=args.drop_pushes,
             balance=args.balance, rebalance_period=args.rebalance_period, rebalance_min_gain=args.rebalance_min_gain,
             rebalance_delay=args.rebalance_delay,
         )
@@ -282,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--throttle", type=float, default=1.0, help=argparse.SUPPRESS)  # testing: run N times slower
     p.add_argument("--crash-at-step", type=int, default=None, help=argparse.SUPPRESS)  # testing: SIGKILL itself
     p.add_argument("--hang-at-step", type=int, default=None, help=argparse.SUPPRESS)  # testing: go silent
+    p.add_argument("--drop-pushes", action="store_true", help=argparse.SUPPRESS)  # testing: pushes get lost
     p.add_argument("--record-ttl", type=float, default=10.0, help="seconds a DHT record lives unless refreshed")
     p.set_defaults(func=cmd_peer)
 

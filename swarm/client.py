@@ -132,6 +132,9 @@ class _HopStream:
         self.outputs = None
         self.history: List[tuple] = []
         self.pending_open: Optional[Dict[str, Any]] = None
+        self.pushed_into = False  # the previous hop of the chain pushes its outputs here (see _link_for_push)
+        self.trust_push = True  # False once a push failed to arrive: the client sends every step itself
+        self.last_pushed = False  # this peer pushed its last output to the next hop
 
     @property
     def peer_id(self) -> str:
@@ -160,16 +163,32 @@ class _HopStream:
         return n * tokens / max(self.record.forward_tps, 1e-3)
 
     async def send(self, hidden: torch.Tensor, mask: Optional[torch.Tensor], timeout: float,
-                   extra: Optional[Dict[str, Any]] = None) -> torch.Tensor:
+                   extra: Optional[Dict[str, Any]] = None, *, pushed_wait: Optional[float] = None) -> torch.Tensor:
+        """Run one step (or a replay) on this peer and return its output ``[batch, new_tokens, hidden]``.
+
+        :param pushed_wait: set when the previous peer pushed this step's input here: the client's own copy is
+            sent only if no answer came within this many seconds (and then for every later step)
+        :raises _PeerFailed: if the peer fails, answers wrongly or misses ``timeout`` (seconds)
+        :raises SwarmError: if the peer refuses the step as the caller's mistake
+        """
         meta = dict(self.pending_open or {})
         self.pending_open = None
         meta.update(extra or {})
         tensors = [encode_tensor(hidden)]
         if mask is not None:
             tensors.append(encode_tensor(mask.to(torch.uint8)))
-        await self.queue.put(runtime_pb2.ExpertRequest(tensors=tensors, metadata=pack(meta)))
+        request = runtime_pb2.ExpertRequest(tensors=tensors, metadata=pack(meta))
+        answer = asyncio.ensure_future(self.outputs.__anext__())
+        if pushed_wait is not None:
+            await asyncio.wait({answer}, timeout=pushed_wait)
+        if not answer.done():
+            if pushed_wait is not None:
+                self.trust_push = False
+                logger.info("peer %s: a pushed step did not arrive within %.2fs; the client sends every step",
+                            self.peer_id[-6:], pushed_wait)
+            await self.queue.put(request)
         try:
-            response = await self._await_response(timeout)
+            response = await self._await_response(timeout, answer)
         except StopAsyncIteration:
             raise _PeerFailed(self.peer_id, "closed the stream") from None
         except _PeerFailed:
@@ -183,16 +202,19 @@ class _HopStream:
         out = decode_tensor(response.tensors[0], max_numel=hidden.numel(), ndim=3)
         if out.shape != hidden.shape:
             raise _PeerFailed(self.peer_id, f"returned shape {list(out.shape)}, expected {list(hidden.shape)}")
+        try:
+            self.last_pushed = bool(response.metadata) and unpack(response.metadata).get("pushed") is True
+        except ValueError:
+            self.last_pushed = False
         return out
 
-    async def _await_response(self, timeout: float):
+    async def _await_response(self, timeout: float, task: asyncio.Future):
         """Wait for the next response. A libp2p stream does not always notice that the remote host died while
         a request is in flight, so if the answer is late (3x the expected time, at least 0.2 s) the peer is
         probed with a small unary call every 0.5 s: a dead peer fails the probe at once; a live but silent
         one is given up on at ``timeout``."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        task = asyncio.ensure_future(self.outputs.__anext__())
         wait = max(0.2, 3 * self.expected_seconds(1))
         try:
             while True:
@@ -228,8 +250,9 @@ def _link_for_push(hops: List["_HopStream"]) -> None:
     """Ask each peer of a chain to push its step outputs straight to the next peer (as Petals does): a decode
     step then crosses client -> peer 1 -> peer 2 -> ... -> client, one network leg per hop plus one, instead of a
     round trip to the client per hop. The client still receives every peer's output and sends it on itself, so
-    its per-hop history (for replay) is unchanged and a lost push costs nothing but time; a peer computes each
-    step once, from whichever copy arrives first."""
+    its per-hop history (for replay) is unchanged; it sends that output on to the next peer only if the push does
+    not answer in time (:meth:`_HopStream.send`'s ``pushed_wait``), so a decode step costs one message per hop
+    plus the answers. A peer computes each step once, from whichever copy arrives first."""
     for prev, nxt in zip(hops, hops[1:]):
         if prev.pending_open is None or nxt.pending_open is None or prev.peer_id == nxt.peer_id:
             continue
@@ -237,6 +260,7 @@ def _link_for_push(hops: List["_HopStream"]) -> None:
         prev.pending_open["push_session"] = nxt.pending_open["session_id"]
         prev.pending_open["push_addrs"] = list(nxt.record.addrs[:8])
         nxt.pending_open["push_from"] = prev.peer_id
+        nxt.pushed_into = True
 
 
 def _concat_history(history: List[tuple]):
@@ -367,8 +391,14 @@ class InferenceSession:
         while i < len(self.hops):
             hop = self.hops[i]
             try:
-                timeout = self.model.step_timeout_for(hop, hidden.shape[0] * hidden.shape[1])
-                out = await hop.send(hidden, mask, timeout, {"step": self.length})
+                tokens = hidden.shape[0] * hidden.shape[1]
+                timeout = self.model.step_timeout_for(hop, tokens)
+                pushed_wait = None
+                if (i > 0 and hop.pending_open is None and hop.pushed_into and hop.trust_push
+                        and self.hops[i - 1].last_pushed):
+                    pushed_wait = max(0.25, 4 * hop.expected_seconds(tokens))
+                out = await hop.send(hidden, mask, timeout, {"step": self.length}, pushed_wait=pushed_wait)
+                self.model.stats["lost_pushes"] += pushed_wait is not None and not hop.trust_push
             except _PeerFailed as e:
                 failed_at = time.time()
                 if e.ban:
@@ -449,7 +479,7 @@ class DistributedModelForCausalLM:
         self.ban_seconds = ban_seconds
         self._bans: Dict[str, tuple] = {}  # peer id -> (banned at, reason)
         # over this client's life: failed hops recovered, waits for a usable chain, peers banned
-        self.stats: Dict[str, int] = {"failovers": 0, "chain_retries": 0, "bans": 0}
+        self.stats: Dict[str, int] = {"failovers": 0, "chain_retries": 0, "bans": 0, "lost_pushes": 0}
         meta = build_meta_model(self.config)
         base = meta.base_model
         prefix = meta.base_model_prefix

@@ -12,8 +12,10 @@ from swarm.client import DistributedModelForCausalLM
 
 
 def _steps_from_pushes(log_path):
+    """``(steps from pushes, steps sent by the client)`` of each closed session, from a peer's log."""
     with open(log_path) as f:
-        return [int(n) for n in re.findall(r"closed after \d+ tokens \((\d+) steps from pushes\)", f.read())]
+        found = re.findall(r"closed after \d+ tokens \((\d+) steps from pushes, (\d+) sent by the client\)", f.read())
+    return [(int(a), int(b)) for a, b in found]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,25 @@ def test_padded_batch_equal_with_and_without_push(swarm, push):
         time.sleep(0.1)
     after = _steps_from_pushes(s.peers[1].log_path)
     if push:
+        # every one of the 11 decode steps came from the first peer's push, and the client sent only the prefill
+        # (which opens the session) itself: a decode step costs one message per hop plus the last answer
         assert len(after) == len(before) + 1
-        assert after[-1] >= 6, after  # most of the 11 decode steps (the prefill opens the session: never pushed)
+        assert after[-1] == (11, 1), after
+        assert client.stats["lost_pushes"] == 0
     else:
         assert after == before
+
+
+def test_a_lost_push_costs_one_wait_then_the_client_sends_every_step(model_dir):
+    """A peer that says it pushed but did not (``--drop-pushes``): the client waits once, then carries every
+    step to the next peer itself; outputs stay equal."""
+    path = model_dir("mha")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = torch.tensor([[5, 9, 2, 7]])
+    expected = model.generate(ids, max_new_tokens=8, do_sample=False)
+    with LocalSwarm(path, spans=[(0, 2), (2, 4)], peer_args=[["--drop-pushes"], []]) as s:
+        with DistributedModelForCausalLM.from_pretrained(path, initial_peers=s.initial_peers) as client:
+            got = client.generate(ids, max_new_tokens=8)
+            assert client.stats["lost_pushes"] == 1
+            assert client.stats["failovers"] == 0 and client.stats["bans"] == 0
+    assert torch.equal(got, expected), (got, expected)
