@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import asyncio
 import json
 import logging
@@ -240,14 +241,25 @@ def cmd_sim(args) -> int:
         return 2
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` text with each option's default, except empty ones (None, False, [])."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swarm", description="Run and use a peer-to-peer swarm serving an LLM.")
     parser.add_argument("--log-level", default=os.environ.get("SWARM_LOG_LEVEL", "INFO"))
-    sub = parser.add_subparsers(dest="command", required=True)
+    # every command's --help shows each option's default
+    with_defaults = functools.partial(argparse.ArgumentParser, formatter_class=_DefaultsHelp)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=with_defaults)
 
     p = sub.add_parser("dht", help="run a bootstrap DHT node and print its multiaddrs")
-    p.add_argument("--host-maddrs", nargs="+", default=["/ip4/127.0.0.1/tcp/0"])
-    p.add_argument("--initial-peers", nargs="*", default=[])
+    p.add_argument("--host-maddrs", nargs="+", default=["/ip4/127.0.0.1/tcp/0"], help="listen multiaddrs")
+    p.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of other bootstrap nodes")
     p.add_argument("--identity", default=None, help="path of a persistent Ed25519 key (created if missing)")
     p.set_defaults(func=cmd_dht)
 
@@ -271,9 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     g2.add_argument("--new-swarm", action="store_true", help="start a new swarm (no initial peers)")
     p.add_argument("--host-maddrs", nargs="+", default=["/ip4/127.0.0.1/tcp/0"],
                    help="listen multiaddrs, e.g. /ip4/0.0.0.0/tcp/31337")
-    p.add_argument("--announce-maddrs", nargs="*", default=[])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--announce-maddrs", nargs="*", default=[], help="public multiaddrs to announce, if not the listen ones")
+    p.add_argument("--device", default="cpu", help="torch device of the blocks, e.g. cuda:0")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the blocks (auto: the checkpoint's, float32 on CPU)")
     p.add_argument("--identity", default=None, help="path of a persistent Ed25519 key (created if missing)")
     p.add_argument("--max-cache-tokens", type=_positive_int, default=65536,
                    help="KV-cache budget of each block: tokens (batch x length) summed over all sessions")
@@ -288,26 +301,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_peer)
 
     p = sub.add_parser("generate", help="generate text through the swarm")
-    p.add_argument("--model", default=None)
-    p.add_argument("--initial-peers", nargs="+", required=True)
+    p.add_argument("--model", default=None, help="local path or Hugging Face hub id (default: the embedded model)")
+    p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of any peers of the swarm")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--greedy", action="store_true")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=_probability, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding even if sampling options are given")
+    p.add_argument("--temperature", type=float, default=None, help="sample with this temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=_probability, default=None, help="sample from the smallest set of this probability")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="penalize tokens already generated")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler")
     p.add_argument("--json", action="store_true", help="print one JSON object with token ids and text")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("sim", help="local multi-peer swarms on this machine")
-    simsub = p.add_subparsers(dest="sim_command", required=True)
+    simsub = p.add_subparsers(dest="sim_command", required=True, parser_class=with_defaults)
     up = simsub.add_parser("up", help="start a bootstrap node and N peers on 127.0.0.1 until Ctrl-C")
-    up.add_argument("--peers", type=int, default=3)
-    up.add_argument("--model", default=None)
-    up.add_argument("--blocks-per-peer", type=int, default=None)
-    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--peers", type=int, default=3, help="number of peers")
+    up.add_argument("--model", default=None, help="local path or hub id (default: the embedded model)")
+    up.add_argument("--blocks-per-peer", type=int, default=None, help="blocks each peer holds (default: spread evenly)")
+    up.add_argument("--host", default="127.0.0.1", help="address the peers listen on")
     up.add_argument("--peer-args", nargs=argparse.REMAINDER, help="extra options for every peer")
     up.set_defaults(func=cmd_sim)
     from swarm.train_cli import register as register_train

@@ -260,3 +260,39 @@ def test_more_user_mistakes_are_one_line_errors(mha_model, tmp_path):
                               env=dict(os.environ, HF_HUB_OFFLINE="1"))
         assert proc.returncode == 2, (args, proc.returncode, proc.stderr[-500:])
         assert text in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr[-500:])
+
+
+def test_ctrl_c_during_generate_exits_quietly_without_blaming_a_peer(mha_model):
+    """Found by a new user: Ctrl-C during ``swarm generate`` left the step running in the background, where it
+    then failed, logged "peer ... failed" and banned a healthy peer before "interrupted" was printed."""
+    with LocalSwarm(mha_model, spans=[(0, 2), (2, 4)], peer_args=[["--throttle", "30"], []]) as s:
+        proc = subprocess.Popen(
+            _swarm_cmd("generate", "--model", mha_model, "--initial-peers", *s.initial_peers, "--prompt", "hello",
+                       "--max-new-tokens", "1000"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )
+        try:
+            time.sleep(10)  # connected and generating (steps of the throttled peer take tens of milliseconds)
+            assert proc.poll() is None, proc.communicate()
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        assert proc.returncode == 130, (proc.returncode, err[-1000:])
+        assert "interrupted" in err
+        assert "failed" not in err and "ban" not in err and "Traceback" not in err, err[-1000:]
+
+
+def test_help_shows_defaults(capsys):
+    """Found by a new user: ``--help`` did not say what an option defaults to."""
+    from swarm.cli import main
+
+    for command, expected in ((["peer"], "(default: 65536)"), (["generate"], "(default: 32)"),
+                              (["train"], "(default: 0.7)"), (["sim", "up"], "(default: 3)")):
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        out = " ".join(capsys.readouterr().out.split())  # help text wraps lines
+        assert expected in out, (command, out[-800:])
+        assert "(default: None)" not in out
