@@ -61,7 +61,15 @@ class _Network:
         self.dht = await create_dht_node(self.p2p, initial_peers, client_mode=True)
 
     def run(self, coro, timeout: Optional[float] = None):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        """Run ``coro`` on the network thread and return its result. If the caller stops waiting (Ctrl-C, or
+        ``timeout`` seconds), the coroutine is cancelled rather than left running: an interrupted step must not
+        go on to fail, ban its peer and retry in the background."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except BaseException:
+            future.cancel()
+            raise
 
     async def records(self, model_uid: str) -> List[PeerRecord]:
         found = await self.dht.get(model_key(model_uid), latest=True)
