@@ -444,8 +444,8 @@ class TrainingPeer:
                     logger.info("peer %s: stopping after %d outer steps in this session", self.peer_name, session_outer)
                     break
             finished = self.sync.outer_step_count >= cfg.outer_steps
-            summary = self._finish(finished)
-            return summary
+            stopped = self._stop.is_set()  # asked to leave (SIGTERM / Ctrl-C / stop())
+            return self._finish(finished, stopped)
         finally:
             self._stop.set()
             with contextlib.suppress(Exception):
@@ -523,7 +523,7 @@ class TrainingPeer:
         self.save_checkpoint()
         return True
 
-    def _finish(self, finished: bool) -> Dict[str, Any]:
+    def _finish(self, finished: bool, stopped: bool = False) -> Dict[str, Any]:
         cfg = self.cfg
         val = evaluate(self.model, self.val_tokens, seq_len=cfg.seq_len, num_sequences=max(cfg.eval_sequences, 64))
         if cfg.save_model and finished:
@@ -538,7 +538,7 @@ class TrainingPeer:
             plot_loss_curves({self.peer_name: self.history}, self.run_dir / "loss.png",
                              title=f"DiLoCo peer {self.peer_name}")
         traffic = self.sync.averager.traffic.snapshot()
-        summary = dict(peer=self.peer_name, finished=finished, outer_steps=self.sync.outer_step_count,
+        summary = dict(peer=self.peer_name, finished=finished, stopped=stopped, outer_steps=self.sync.outer_step_count,
                        val_loss=val, tokens=self.tokens_total, bytes_sent=self.bytes_sent_total, traffic=traffic,
                        model_dir=str(self.run_dir / "model") if cfg.save_model and finished else None)
         with open(self.run_dir / "summary.json", "w") as f:

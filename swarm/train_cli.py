@@ -46,7 +46,8 @@ def cmd_train(args) -> int:
     peer.on_ready = lambda maddrs: print("TRAIN_READY " + " ".join(maddrs), flush=True)
     summary = peer.run()
     print("TRAIN_DONE " + json.dumps(summary), flush=True)
-    return 0 if summary.get("finished") or cfg.stop_after else 1
+    # a peer asked to leave (SIGTERM, Ctrl-C) that left cleanly exits 0 as well; 1 means training gave up
+    return 0 if summary.get("finished") or summary.get("stopped") or cfg.stop_after else 1
 
 
 def _shard(text: str):

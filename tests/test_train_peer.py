@@ -158,7 +158,7 @@ def test_train_cli_requires_a_swarm_choice(tiny_model, tmp_path, capsys):
 
 def test_ctrl_c_stops_a_training_peer(tiny_model, swarm_home, tmp_path):
     """SIGINT (Ctrl-C) makes a training peer leave after its current inner step: starting hivemind's averager
-    process once left SIGINT ignored, so Ctrl-C did nothing."""
+    process once left SIGINT ignored, so Ctrl-C did nothing; it then exited 1 as if training had failed."""
     import signal
     import subprocess
 
@@ -178,6 +178,7 @@ def test_ctrl_c_stops_a_training_peer(tiny_model, swarm_home, tmp_path):
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
         assert (run_dir / "checkpoint.pt").exists() or (run_dir / "summary.json").exists()
+        assert proc.returncode == 0, proc.returncode
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
