@@ -5,6 +5,11 @@
 
 A generation keeps one inference session per peer of its chain for its whole length, so each decode step sends
 one token's hidden state per hop and the peers' KV caches do the rest.
+
+Routing: an interactive session takes the lowest-latency chain with KV-cache room (``find_chain``); independent
+requests (``forward``, and sessions opened with ``routing="throughput"``) are spread over the chains of the swarm's
+max-flow solution in proportion to their flow (``FlowRouter``), so each peer gets the share of requests its speed
+and position in the swarm can carry.
 """
 
 from __future__ import annotations
@@ -15,13 +20,14 @@ import random
 import threading
 import time
 import uuid
+from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
-from partitioner.route import Hop, NoRouteError, ServerSpan, find_chain
+from partitioner.route import FlowRouter, Hop, NoRouteError, ServerSpan, find_chain
 from protocols import PROTOCOL_VERSION
 from protocols.codec import decode_tensor, encode_tensor
 from protocols.messages import RPC_FORWARD, RPC_INFERENCE, pack, unpack
@@ -291,10 +297,19 @@ class InferenceSession:
     :param max_length: the most tokens (prompt + generated, padding included) this session may hold;
         peers reserve KV cache for it and refuse more
     :param batch_size: sequences generated together
+    :param routing: ``"latency"`` (default): the lowest-latency chain with KV-cache room (:func:`find_chain`), for
+        interactive use; ``"throughput"``: a chain drawn from the max-flow chains of the peers with KV-cache room, in
+        proportion to their flow (:class:`FlowRouter` over announced ``decode_sps``), for many independent
+        sessions. Either way a failed hop is replaced by the lowest-latency chain over its blocks.
+    :raises ValueError: an unknown ``routing``
     """
 
-    def __init__(self, model: "DistributedModelForCausalLM", max_length: int, batch_size: int = 1):
+    def __init__(self, model: "DistributedModelForCausalLM", max_length: int, batch_size: int = 1,
+                 routing: str = "latency"):
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
         self.model, self.max_length, self.batch_size = model, max_length, batch_size
+        self.routing = routing
         self.session_id = uuid.uuid4().hex
         self.length = 0
         self.hops: List[_HopStream] = []
@@ -330,8 +345,13 @@ class InferenceSession:
                      for r in records.values()]
             random.shuffle(spans)  # equally good chains are picked at random, spreading sessions over replicas
             try:
-                chain = find_chain(spans, start, end, banned=model._banned_ids(),
-                                   min_cache_tokens=self.batch_size * self.max_length)
+                need = self.batch_size * self.max_length
+                if self.routing == "throughput" and (start, end) == (0, model.num_blocks):
+                    banned = model._banned_ids()
+                    roomy = [sp for sp in spans if sp.free_cache_tokens >= need and sp.peer_id not in banned]
+                    chain = model._flow_chain("decode", roomy, banned)
+                else:
+                    chain = find_chain(spans, start, end, banned=model._banned_ids(), min_cache_tokens=need)
                 hops = []
                 for h in chain:
                     hop = _HopStream(h, records[h.peer_id])
@@ -466,6 +486,12 @@ class InferenceSession:
             pass
 
 
+ROUTINGS = ("latency", "throughput")
+
+# a peer's refusal that is the request's fault on that peer (e.g. its message-size limit): skip it for this call
+_REFUSALS = ("over this peer's limit", "do not fit", "attention mask")
+
+
 class DistributedModelForCausalLM:
     """A causal LM whose blocks live in the swarm; ``generate`` works like ``transformers``' ``generate``.
 
@@ -487,7 +513,12 @@ class DistributedModelForCausalLM:
         self.ban_seconds = ban_seconds
         self._bans: Dict[str, tuple] = {}  # peer id -> (banned at, reason)
         # over this client's life: failed hops recovered, waits for a usable chain, peers banned
-        self.stats: Dict[str, int] = {"failovers": 0, "chain_retries": 0, "bans": 0, "lost_pushes": 0}
+        # forward_retries: forward hops re-sent after a failure; router_builds: max-flow solves for FlowRouter
+        self.stats: Dict[str, int] = {"failovers": 0, "chain_retries": 0, "bans": 0, "lost_pushes": 0,
+                                      "forward_retries": 0, "router_builds": 0}
+        self.forward_served: Counter = Counter()  # peer id -> forward hops it answered (see forward)
+        self.last_forward_chain: List[Hop] = []  # the hops that computed the last forward's output
+        self._routers: Dict[str, tuple] = {}  # figure ("forward"/"decode") -> (key of the spans, FlowRouter)
         meta = build_meta_model(self.config)
         base = meta.base_model
         prefix = meta.base_model_prefix
@@ -554,12 +585,35 @@ class DistributedModelForCausalLM:
     def __exit__(self, *exc):
         self.shutdown()
 
-    def inference_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:
-        """Open a session that can hold ``max_length`` tokens per sequence (see :class:`InferenceSession`)."""
+    def inference_session(self, max_length: int, batch_size: int = 1, routing: str = "latency") -> InferenceSession:
+        """Open a session that can hold ``max_length`` tokens per sequence (see :class:`InferenceSession`;
+        ``routing`` is ``"latency"`` or ``"throughput"``).
+
+        :raises ValueError: ``max_length`` over the model's limit, or an unknown ``routing``
+        """
         limit = int(getattr(self.config, "max_position_embeddings", max_length))
         if max_length > limit:
             raise ValueError(f"max_length {max_length} is over the model's limit of {limit} tokens")
-        return InferenceSession(self, max_length, batch_size)
+        return InferenceSession(self, max_length, batch_size, routing=routing)
+
+    def _flow_chain(self, figure: str, spans: Sequence[ServerSpan], banned=()) -> List[Hop]:
+        """The next chain of the :class:`FlowRouter` over ``spans`` (live, unbanned peers whose ``decode_sps``
+        field holds the per-block figure named by ``figure``). The router (one max-flow solve) is cached and
+        rebuilt only when the peers, their spans or their figures change, so its smooth round-robin keeps its
+        state across calls. If no peer announces a positive figure, falls back to :func:`find_chain`.
+
+        :raises NoRouteError: naming the blocks no peer in ``spans`` serves (or none, if every chain goes through
+            a ``banned`` peer)
+        """
+        key = tuple(sorted((sp.peer_id, sp.start, sp.end, round(sp.decode_sps, 6)) for sp in spans))
+        cached = self._routers.get(figure)
+        if cached is None or cached[0] != key:
+            router = FlowRouter.from_spans(sorted(spans, key=lambda sp: sp.peer_id), self.num_blocks)
+            self.stats["router_builds"] += 1
+            cached = self._routers[figure] = (key, router)
+        if len(cached[1]) == 0:
+            return find_chain(spans, 0, self.num_blocks, banned=banned)
+        return cached[1].pick(banned)
 
     def peers(self) -> List[PeerRecord]:
         """The verified DHT records of the peers serving this model."""
@@ -567,30 +621,102 @@ class DistributedModelForCausalLM:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits for every position, computed through the swarm without a KV cache.
+        """Logits for every position, computed through the swarm without a KV cache (one ``swarm.forward`` request
+        per hop).
+
+        Each call is an independent request: it goes through the next chain of a :class:`FlowRouter` over the
+        live, unbanned peers, so calls are spread over replicas in proportion to the max flow of the swarm. The
+        flow is solved on each peer's announced ``forward_tps`` (tokens/s through one block in a forward pass of
+        many tokens, the work a forward call does; ``decode_sps`` measures one-token steps), with no network limit.
+        A hop that fails (connection error, an error from the peer, or no answer within ``step_timeout_factor``
+        times its expected time, at least ``min_step_timeout`` s) bans the peer and the call continues from the
+        last block boundary it reached, on the next chain that avoids the banned peers (a peer that refuses the
+        request as too large is only skipped for this call). ``forward_served`` counts the hops each peer
+        answered; ``last_forward_chain`` holds the hops that computed this call's output.
 
         :param input_ids: ``[batch, tokens]``
         :param attention_mask: ``[batch, tokens]``, 0 for left padding
         :returns: ``[batch, tokens, vocab_size]`` float32 logits
+        :raises SwarmError: if no chain serves the call before ``retry_timeout`` seconds, or every peer able to
+            serve it refused the request
         """
         hidden = self.embed_tokens(input_ids.to(self.device)).cpu()
         mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.long().cpu()
+        hidden = self.net.run(self._forward(hidden, mask), timeout=self.retry_timeout + self.step_timeout * 4)
+        return self.lm_head(self.norm(hidden.to(self.device))).float().cpu()
 
-        async def _run(hidden):
+    async def _forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Run ``hidden`` ``[batch, tokens, hidden_size]`` through all blocks (see :meth:`forward`)."""
+        deadline = time.monotonic() + self.retry_timeout
+        reached = {0: hidden}  # block boundary -> hidden states after the blocks before it
+        made_by: Dict[int, Hop] = {}  # block boundary -> the hop that computed reached[boundary]
+        skip: set = set()  # peers that refused this call's request (not banned)
+        delay, last_error = 0.2, None
+        while True:
             records = {r.peer_id: r for r in await self.net.records(self.model_uid) if r.state == "online"}
-            spans = [ServerSpan(r.peer_id, r.start, r.end, r.forward_tps) for r in records.values()]
-            for hop in find_chain(spans, 0, self.num_blocks):
-                await self.net.connect(records[hop.peer_id])
-                tensors = [encode_tensor(hidden)] + ([encode_tensor(mask.to(torch.uint8))] if mask is not None else [])
-                req = runtime_pb2.ExpertRequest(tensors=tensors, metadata=pack({"start": hop.start, "end": hop.end}))
-                resp = await self.net.p2p.call_protobuf_handler(
-                    PeerID.from_base58(hop.peer_id), RPC_FORWARD, _aiter([req]), runtime_pb2.ExpertResponse
-                )
-                hidden = decode_tensor(resp.tensors[0], max_numel=hidden.numel(), ndim=3)
-            return hidden
+            self._unban_restarted(records.values())
+            banned = self._banned_ids()
+            spans = [ServerSpan(r.peer_id, r.start, r.end, r.forward_tps) for r in records.values()
+                     if r.peer_id not in banned]
+            try:
+                chain = self._flow_chain("forward", spans, banned | skip)
+            except NoRouteError as e:
+                if skip:  # the request itself was refused: waiting would not help
+                    raise SwarmError(f"forward: no chain avoids the peers that refused the request ({last_error})") from e
+                if time.monotonic() + delay > deadline:
+                    raise SwarmError(f"forward: {last_error or e} (waited {self.retry_timeout:.0f}s for a peer)") from e
+                self.stats["chain_retries"] += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, 2.0)
+                continue
+            first = max(i for i, h in enumerate(chain) if h.start in reached)  # resume where a failed try stopped
+            try:
+                for hop in chain[first:]:
+                    reached[hop.end] = await self._forward_hop(records[hop.peer_id], hop, reached[hop.start], mask)
+                    made_by[hop.end] = hop
+                    self.forward_served[hop.peer_id] += 1
+                hops, b = [], self.num_blocks
+                while b > 0:
+                    hops.append(made_by[b])
+                    b = made_by[b].start
+                self.last_forward_chain = hops[::-1]
+                return reached[self.num_blocks]
+            except _PeerFailed as e:
+                last_error = e
+                if e.ban:
+                    self._ban(e.peer_id, e.reason)
+                else:
+                    skip.add(e.peer_id)
+                self.stats["forward_retries"] += 1
+                logger.warning("forward: %s; retrying on another chain", e)
+                if time.monotonic() > deadline:
+                    raise SwarmError(f"forward failed: {e}") from e
 
-        hidden = self.net.run(_run(hidden), timeout=self.step_timeout * 4).to(self.device)
-        return self.lm_head(self.norm(hidden)).float().cpu()
+    async def _forward_hop(self, record: PeerRecord, hop: Hop, hidden: torch.Tensor,
+                           mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """One ``swarm.forward`` request: blocks ``[hop.start, hop.end)`` of ``hidden`` ``[batch, tokens, hidden]``;
+        returns the output, same shape.
+
+        :raises _PeerFailed: on a connection error, a peer error, a late or malformed answer
+        """
+        n, tokens = hop.end - hop.start, hidden.shape[0] * hidden.shape[1]
+        timeout = max(self.min_step_timeout, self.step_timeout_factor * n * tokens / max(record.forward_tps, 1e-3))
+        tensors = [encode_tensor(hidden)] + ([encode_tensor(mask.to(torch.uint8))] if mask is not None else [])
+        req = runtime_pb2.ExpertRequest(tensors=tensors, metadata=pack({"start": hop.start, "end": hop.end}))
+        try:
+            await asyncio.wait_for(self.net.connect(record), timeout)
+            resp = await asyncio.wait_for(self.net.p2p.call_protobuf_handler(
+                PeerID.from_base58(hop.peer_id), RPC_FORWARD, _aiter([req]), runtime_pb2.ExpertResponse
+            ), timeout)
+            out = decode_tensor(resp.tensors[0], max_numel=hidden.numel(), ndim=3)
+        except asyncio.TimeoutError:
+            raise _PeerFailed(hop.peer_id, f"did not answer a forward within {timeout:.1f}s") from None
+        except Exception as e:
+            text = f"{type(e).__name__}: {e}"
+            raise _PeerFailed(hop.peer_id, text, ban=not any(r in text for r in _REFUSALS)) from e
+        if out.shape != hidden.shape:
+            raise _PeerFailed(hop.peer_id, f"returned shape {list(out.shape)}, expected {list(hidden.shape)}")
+        return out
 
     __call__ = forward
 
@@ -611,6 +737,7 @@ class DistributedModelForCausalLM:
         pad_token_id: Optional[int] = None,
         session: Optional[InferenceSession] = None,
         generator: Optional[torch.Generator] = None,
+        routing: str = "latency",
     ) -> torch.Tensor:
         """Generate tokens like ``transformers``' ``generate``: greedy by default, or sampling.
 
@@ -619,9 +746,12 @@ class DistributedModelForCausalLM:
         :param max_new_tokens: tokens to generate per sequence
         :param streamer: an object with ``put(tensor)`` and ``end()`` (e.g. ``transformers.TextStreamer``)
         :param session: an open :class:`InferenceSession` to continue; if None a new one is opened and closed
+        :param routing: the chain of a new session: ``"latency"`` (interactive, the default) or ``"throughput"``
+            (see :class:`InferenceSession`); ignored when ``session`` is given
         :returns: ``[batch, prompt_tokens + generated]`` token ids (fewer than ``max_new_tokens`` if every
             sequence reached an end-of-sequence token; finished sequences are filled with ``pad_token_id``)
-        :raises ValueError: if the prompt plus ``max_new_tokens`` is longer than the session's max_length
+        :raises ValueError: if the prompt plus ``max_new_tokens`` is longer than the session's max_length, or an
+            unknown ``routing``
         :raises SwarmError: if the swarm cannot serve the request
         """
         if input_ids.ndim != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
@@ -635,7 +765,7 @@ class DistributedModelForCausalLM:
             pad = eos[0] if eos else 0
         own_session = session is None
         if own_session:
-            session = self.inference_session(prompt_len + max_new_tokens, batch)
+            session = self.inference_session(prompt_len + max_new_tokens, batch, routing=routing)
         needed = session.length + prompt_len + max_new_tokens - 1
         if needed > session.max_length:
             raise ValueError(
