@@ -265,14 +265,14 @@ def test_more_user_mistakes_are_one_line_errors(mha_model, tmp_path):
 def test_ctrl_c_during_generate_exits_quietly_without_blaming_a_peer(mha_model):
     """Found by a new user: Ctrl-C during ``swarm generate`` left the step running in the background, where it
     then failed, logged "peer ... failed" and banned a healthy peer before "interrupted" was printed."""
-    with LocalSwarm(mha_model, spans=[(0, 2), (2, 4)], peer_args=[["--throttle", "30"], []]) as s:
+    with LocalSwarm(mha_model, spans=[(0, 2), (2, 4)], peer_args=[["--throttle", "60"], []]) as s:
         proc = subprocess.Popen(
             _swarm_cmd("generate", "--model", mha_model, "--initial-peers", *s.initial_peers, "--prompt", "hello",
-                       "--max-new-tokens", "1000"),
+                       "--max-new-tokens", "1500"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         )
         try:
-            time.sleep(10)  # connected and generating (steps of the throttled peer take tens of milliseconds)
+            time.sleep(10)  # connected and generating (1500 steps of the throttled peer take far longer)
             assert proc.poll() is None, proc.communicate()
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=60)
