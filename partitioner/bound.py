@@ -38,6 +38,30 @@ The test compares ratios ``sum_i w_i / lam >= L`` rather than ``sum_i w_i >= L l
 peer's term is ``k_i lam`` and the two sides are equal for a whole range of ``lam``, where the product form flips
 on rounding noise (an earlier version returned less than a placement's max flow that way).
 
+**Cover LP** (swarms of up to ``_COVER_LP_MAX_PEERS`` peers; the result is the smaller of the two bounds). The
+weightings above look at each weak span on its own; the holders of a block without a strong holder must together
+reach cap 1, and a slow peer with many blocks cannot do that with a partner that holds only a few. For a given
+``lam`` let ``a*_i`` be peer ``i``'s largest cap over its weak lengths and call a set of weak peers a *cover* if its
+``a*`` add up to at least 1. Every placement serving ``lam`` gives a point of
+
+    v_ik >= 0 (peer i holds k blocks), z_S >= 0 (blocks whose holders' chosen minimal cover is S)
+    (choice)    sum_k v_ik <= 1                                          for every peer
+    (work)      sum_ik v_ik w_i(k, lam) / lam >= L
+    (coverage)  sum_{ik strong} k v_ik + sum_S z_S >= L
+    (weak)      sum_{S contains i} z_S <= sum_{k weak} k v_ik             for every peer
+
+with ``v`` the 0/1 indicator of its lengths: a block's holders have actual caps ``<= a*`` adding up to at least 1,
+so a block with no strong holder has only weak holders that form a cover and contain a minimal one ``S`` (pick
+one per block); those blocks number ``sum_S z_S``, a peer is in at most as many of them as it holds blocks, and
+only if its span is weak; the other blocks have a strong holder, at most ``sum_{strong} k_i`` of them. So if this
+linear program (over all minimal covers, enumerated) is infeasible at ``lam`` no placement serves ``lam``: the
+smallest infeasible ``lam`` found by bisection is a true upper bound. The LP also relaxes integrality of the
+lengths, which the knapsack keeps; taking the smaller of both keeps the strength of each. It is skipped (the
+knapsack bound alone is returned) when a ``lam`` has more than ``_MAX_COVERS`` minimal covers. It is the
+configuration LP of bin covering (blocks are the bins, minimal covers the configurations; as in the LP-based bin
+covering algorithms of Csirik, Johnson and Kenyon, SODA 2001) with the span lengths as choice variables.
+``tests/test_partitioner_bound.py`` checks it against exhaustive search on tiny swarms where it binds.
+
 Dropping the ``k_i lam`` cap and coverage gives the cruder "total compute over the work of one token through all
 blocks, capped by network" (``sum_i max_k w_i(k) / L``, :func:`compute_bound`); all of these ignore contiguity and
 balance, as the relaxations in Helix (Mei et al., ASPLOS 2025) and Halda / prima.cpp (Li et al., 2025) do.
@@ -45,7 +69,7 @@ balance, as the relaxations in Helix (Mei et al., ASPLOS 2025) and Halda / prima
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -53,6 +77,9 @@ from .cost import ModelSpec, PeerSpec, compute_curve, max_blocks, network_tps, w
 
 _RATIO_TOL = 1e-9  # relative slack in the ratio test (rounding only)
 _MAX_HOLDERS = 6  # the holder-count weighting uses at most this many holders per weak-only block (state size)
+_COVER_LP_MAX_PEERS = 32  # the cover LP runs for swarms up to this size (larger ones: the knapsack bound is tight)
+_MAX_COVERS = 4000  # the cover LP is skipped when a lam has more minimal covers than this
+_COVER_TOL = 1e-9  # caps adding up to 1 - _COVER_TOL count as a cover (more covers: a weaker, still valid LP)
 
 
 def peer_best_work(peer: PeerSpec, model: ModelSpec) -> float:
@@ -87,11 +114,112 @@ def _coverable(ratio: np.ndarray, units: np.ndarray, mem: np.ndarray, need: int)
     return float(dp[need])
 
 
-def upper_bound(peers: Sequence[PeerSpec], model: ModelSpec, iterations: int = 60, *, coverage: bool = True) -> float:
+def minimal_covers(caps: Sequence[float], limit: int = _MAX_COVERS) -> Optional[List[Tuple[int, ...]]]:
+    """Every minimal set of indices whose ``caps`` add up to at least ``1 - _COVER_TOL`` (removing any member drops
+    the sum below that), each as a tuple of indices in decreasing order of cap; ``None`` if there are more than
+    ``limit``. Caps of 0 never help and are left out. Depth-first search over the caps sorted in decreasing order,
+    pruned when the caps left cannot reach 1; a set is minimal iff dropping its smallest member breaks it."""
+    caps = np.asarray(caps, dtype=np.float64)
+    idx = [int(i) for i in np.argsort(-caps, kind="stable") if caps[i] > 0]
+    vals = [float(caps[i]) for i in idx]
+    suffix = np.concatenate((np.cumsum(vals[::-1])[::-1], [0.0])) if vals else np.zeros(1)
+    need = 1 - _COVER_TOL
+    out: List[Tuple[int, ...]] = []
+    stack = [(0, (), 0.0)]
+    while stack:
+        start, chosen, total = stack.pop()
+        for t in range(start, len(idx)):
+            if total + suffix[t] < need:
+                break
+            tot = total + vals[t]
+            pick = chosen + (t,)
+            if tot >= need:
+                if tot - vals[t] < need:  # vals[t] is the smallest member
+                    out.append(tuple(idx[j] for j in pick))
+                    if len(out) > limit:
+                        return None
+            else:
+                stack.append((t + 1, pick, tot))
+    return out
+
+
+def _cover_lp_feasible(comp: np.ndarray, net: np.ndarray, mem: np.ndarray, L: int, lam: float) -> Optional[bool]:
+    """The cover LP of the module docstring at ``lam``: False if infeasible (no placement serves ``lam``), True if
+    feasible or the solver gives no verdict, None if there are too many minimal covers to write it down."""
+    from scipy.optimize import linprog
+    from scipy.sparse import csr_matrix
+
+    n = comp.shape[0]
+    ks = np.arange(1, L + 1, dtype=np.float64)
+    cap = np.minimum(comp, net[:, None]) / lam
+    ratio = np.minimum(comp / lam, ks[None, :] * np.minimum(net / lam, 1.0)[:, None])
+    held = (np.arange(L)[None, :] < mem[:, None]) & (ratio > 0)
+    strong = cap >= 1 - _COVER_TOL
+    weak = held & ~strong
+    best_weak = np.where(weak, cap, 0.0).max(axis=1)
+    covers = minimal_covers(best_weak)
+    if covers is None:
+        return None
+    vi, vk = np.nonzero(held)  # one variable v per (peer, length k = vk + 1)
+    nv, nz = len(vi), len(covers)
+    rows, cols, vals = [vi, np.full(nv, n), np.full(nv, n + 1)], [np.arange(nv)] * 3, [
+        np.ones(nv), -ratio[vi, vk], -np.where(strong[vi, vk], vk + 1.0, 0.0)]
+    w = weak[vi, vk]
+    rows.append(n + 2 + vi[w])
+    cols.append(np.flatnonzero(w))
+    vals.append(-(vk[w] + 1.0))
+    if nz:
+        z_col = nv + np.arange(nz)
+        rows.append(np.full(nz, n + 1))
+        cols.append(z_col)
+        vals.append(-np.ones(nz))
+        members = [(i, nv + t) for t, cover in enumerate(covers) for i in cover]
+        rows.append(n + 2 + np.array([i for i, _ in members]))
+        cols.append(np.array([c for _, c in members]))
+        vals.append(np.ones(len(members)))
+    a_ub = csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(2 * n + 2, nv + nz))
+    b_ub = np.concatenate((np.ones(n), [-L * (1 - _RATIO_TOL), -L * (1 - _RATIO_TOL)], np.zeros(n)))
+    res = linprog(np.zeros(nv + nz), A_ub=a_ub, b_ub=b_ub, bounds=(0, None), method="highs")
+    return res.status != 2  # 2: infeasible; any other outcome (solved, limits, numerical trouble) keeps lam
+
+
+def cover_lp_bound(peers: Sequence[PeerSpec], model: ModelSpec, hi: float, iterations: int = 30) -> float:
+    """The cover LP bound of the module docstring below ``hi`` (tokens/s): ``hi`` if the LP is feasible there (or too
+    big to write down), else the smallest ``lam`` found infeasible by ``iterations`` bisection steps over
+    ``[0, hi]`` (an infeasible ``lam`` is above the max flow of every placement, so the result stays a true bound)."""
+    L = model.num_blocks
+    n = len(peers)
+    comp = np.zeros((n, L))
+    net = np.zeros(n)
+    mem = np.zeros(n, dtype=np.int64)
+    for i, p in enumerate(peers):
+        c = compute_curve(p, model)
+        comp[i, : len(c)] = c
+        mem[i] = len(c)
+        net[i] = network_tps(p, model)
+    if hi <= 0 or _cover_lp_feasible(comp, net, mem, L, hi) is not False:
+        return hi
+    lo = 0.0
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        ok = _cover_lp_feasible(comp, net, mem, L, mid)
+        if ok is None:
+            break
+        if ok:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def upper_bound(peers: Sequence[PeerSpec], model: ModelSpec, iterations: int = 60, *, coverage: bool = True,
+                cover_lp: bool = True) -> float:
     """The bound in the module docstring, tokens/s through all blocks (0 if memory cannot hold every block).
 
     :param iterations: bisection steps (relative precision ``2^-iterations`` of the crude bound)
     :param coverage: enforce the coverage constraint (the default; False gives the looser work-only bound)
+    :param cover_lp: also apply the cover LP (:func:`cover_lp_bound`) to swarms of up to ``_COVER_LP_MAX_PEERS``
+        peers and return the smaller bound (the default; False gives the knapsack bound alone)
     """
     L = model.num_blocks
     if not peers or sum(max_blocks(p, model) for p in peers) < L:
@@ -159,6 +287,10 @@ def upper_bound(peers: Sequence[PeerSpec], model: ModelSpec, iterations: int = 6
     if hi <= 0:
         return 0.0
     lam = bisect(free_ok, 0.0, hi)
-    if not coverage or lam <= 0 or covered_ok(lam):
+    if not coverage or lam <= 0:
         return lam
-    return bisect(covered_ok, 0.0, lam, 40)
+    if not covered_ok(lam):
+        lam = bisect(covered_ok, 0.0, lam, 40)
+    if cover_lp and n <= _COVER_LP_MAX_PEERS and lam > 0:
+        lam = min(lam, cover_lp_bound(peers, model, lam))
+    return lam
