@@ -2,7 +2,9 @@
 
 Model: the embedded default model (8 blocks, hidden 256, intermediate 688, 8 heads, 4 KV heads, vocabulary
 32000), the shape of the reference measurements in ``shared/anchors.md``. Peers hold blocks 0:4, 4:8, 0:4, so
-a chain has 2 hops. Prints a table with each swarm figure's ratio to the single-process one and writes JSON.
+a chain has 2 hops. The single process runs beside the idle swarm and the two take turns run by run (medians of
+``--reps`` runs each), so drift in the host's speed reaches both alike. Prints a table with each swarm figure's
+ratio to the single-process one and writes JSON.
 """
 
 from __future__ import annotations
@@ -47,16 +49,25 @@ def _run(generate, input_ids, mask, new_tokens):
     return {"tokens_per_s": n_new / total, "ttft_s": ttft, "decode_ms_per_token": decode_ms, "seconds": total}, out
 
 
-def _measure(generate, prompts, reps):
-    """Median figures over ``reps`` runs for batch 1, batch 4, and a 512-token prefill."""
-    results = {}
+def _measure(generators, prompts, reps):
+    """Median figures over ``reps`` runs for batch 1, batch 4, and a 512-token prefill, for each of
+    ``generators`` (name -> generate function). The generators take turns run by run, so a change in the
+    machine's speed during the benchmark (this host's speed drifts by tens of percent over minutes) reaches
+    all of them alike instead of biasing their ratios. Returns name -> prompt -> figures."""
+    runs = {g: {p: [] for p in prompts} for g in generators}
+    outs = {g: {} for g in generators}
     for name, (ids, mask, n) in prompts.items():
-        runs, outs = [], None
         for _ in range(reps):
-            r, outs = _run(generate, ids, mask, n)
-            runs.append(r)
-        results[name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        results[name]["output"] = outs
+            for g, generate in generators.items():
+                r, outs[g][name] = _run(generate, ids, mask, n)
+                runs[g][name].append(r)
+    results = {}
+    for g in generators:
+        results[g] = {}
+        for name in prompts:
+            rs = runs[g][name]
+            results[g][name] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+            results[g][name]["output"] = outs[g][name]
     return results
 
 
@@ -91,7 +102,7 @@ def _memory_check() -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out", default="out/bench_inference.json")
     parser.add_argument("--skip-memory", action="store_true", help="skip the peer memory check on a wider model")
@@ -132,7 +143,6 @@ def main(argv=None) -> int:
                                 do_sample=False, streamer=streamer)
 
     _run(ref_generate, p16, ones(p16), 4)  # warm-up
-    local = _measure(ref_generate, prompts, args.reps)
     ref_rss = psutil.Process().memory_info().rss
 
     # ---- swarm
@@ -144,11 +154,19 @@ def main(argv=None) -> int:
                 return client.generate(ids, attention_mask=mask, max_new_tokens=n, streamer=streamer,
                                        eos_token_id=[])
 
+            def swarm_generate_no_push(ids, mask, n, streamer):  # before/after: the client carries every output
+                client.push = False
+                try:
+                    return swarm_generate(ids, mask, n, streamer)
+                finally:
+                    client.push = True
+
             _run(swarm_generate, p16, ones(p16), 4)
-            dist = _measure(swarm_generate, prompts, args.reps)
-            client.push = False  # before/after: the client carries every hop's output itself
+            results = _measure({"local": ref_generate, "swarm": swarm_generate}, prompts, args.reps)
+            local, dist = results["local"], results["swarm"]
             decode_only = {k: v for k, v in prompts.items() if k != "prefill512"}
-            no_push = _measure(swarm_generate, decode_only, args.reps)
+            no_push = _measure({"local": ref_generate, "swarm": swarm_generate_no_push}, decode_only, args.reps)
+            local_np, no_push = no_push["local"], no_push["swarm"]
         full = swarm.add_peer((0, 8))
         rss_full = psutil.Process(full.proc.pid).memory_info().rss
 
@@ -171,7 +189,7 @@ def main(argv=None) -> int:
     mib = 1 / 2**20
     print("without peer-to-peer push (the client carries each hop's output to the next peer):")
     for label, key in (("tokens/s, batch 1", "batch1"), ("new tokens/s, batch 4", "batch4")):
-        a, b = local[key]["tokens_per_s"], no_push[key]["tokens_per_s"]
+        a, b = local_np[key]["tokens_per_s"], no_push[key]["tokens_per_s"]
         table[label + ", no push"] = {"transformers": a, "swarm": b, "ratio": b / a}
         print(f"  {label:36s} {a:13.3f} {b:10.3f} {b / a:19.2f}")
     same = same and all(torch.equal(local[k]["output"], no_push[k]["output"]) for k in no_push)
