@@ -183,12 +183,10 @@ def _cover_lp_feasible(comp: np.ndarray, net: np.ndarray, mem: np.ndarray, L: in
     return res.status != 2  # 2: infeasible; any other outcome (solved, limits, numerical trouble) keeps lam
 
 
-def cover_lp_bound(peers: Sequence[PeerSpec], model: ModelSpec, hi: float, iterations: int = 30) -> float:
-    """The cover LP bound of the module docstring below ``hi`` (tokens/s): ``hi`` if the LP is feasible there (or too
-    big to write down), else the smallest ``lam`` found infeasible by ``iterations`` bisection steps over
-    ``[0, hi]`` (an infeasible ``lam`` is above the max flow of every placement, so the result stays a true bound)."""
-    L = model.num_blocks
-    n = len(peers)
+def _peer_arrays(peers: Sequence[PeerSpec], model: ModelSpec):
+    """``(comp, net, mem)``: ``comp[i, k-1]`` block-tokens/s of peer ``i`` holding ``k`` blocks (0 beyond its
+    memory), ``net[i]`` tokens/s its link carries into a span, ``mem[i]`` the most blocks it can hold."""
+    n, L = len(peers), model.num_blocks
     comp = np.zeros((n, L))
     net = np.zeros(n)
     mem = np.zeros(n, dtype=np.int64)
@@ -197,6 +195,15 @@ def cover_lp_bound(peers: Sequence[PeerSpec], model: ModelSpec, hi: float, itera
         comp[i, : len(c)] = c
         mem[i] = len(c)
         net[i] = network_tps(p, model)
+    return comp, net, mem
+
+
+def cover_lp_bound(peers: Sequence[PeerSpec], model: ModelSpec, hi: float, iterations: int = 30) -> float:
+    """The cover LP bound of the module docstring below ``hi`` (tokens/s): ``hi`` if the LP is feasible there (or too
+    big to write down), else the smallest ``lam`` found infeasible by ``iterations`` bisection steps over
+    ``[0, hi]`` (an infeasible ``lam`` is above the max flow of every placement, so the result stays a true bound)."""
+    L = model.num_blocks
+    comp, net, mem = _peer_arrays(peers, model)
     if hi <= 0 or _cover_lp_feasible(comp, net, mem, L, hi) is not False:
         return hi
     lo = 0.0
@@ -225,14 +232,7 @@ def upper_bound(peers: Sequence[PeerSpec], model: ModelSpec, iterations: int = 6
     if not peers or sum(max_blocks(p, model) for p in peers) < L:
         return 0.0
     n = len(peers)
-    comp = np.zeros((n, L))
-    net = np.zeros(n)
-    mem = np.zeros(n, dtype=np.int64)
-    for i, p in enumerate(peers):
-        c = compute_curve(p, model)
-        comp[i, : len(c)] = c
-        mem[i] = len(c)
-        net[i] = network_tps(p, model)
+    comp, net, mem = _peer_arrays(peers, model)
     ks = np.arange(1, L + 1, dtype=np.float64)
 
     def ratio(lam: float) -> np.ndarray:  # w_i(k, lam) / lam, N x L (0 beyond a peer's memory)
