@@ -312,6 +312,7 @@ class InferenceSession:
         self.routing = routing
         self.session_id = uuid.uuid4().hex
         self.length = 0
+        self.last_tokens: Optional[torch.Tensor] = None  # [batch, 1]: generate's last token, not yet run through
         self.hops: List[_HopStream] = []
         self.closed = False
         self.failovers: List[Dict[str, Any]] = []  # one entry per recovered failure: peer, reason, times
@@ -723,7 +724,7 @@ class DistributedModelForCausalLM:
     @torch.inference_mode()
     def generate(
         self,
-        input_ids: torch.Tensor,
+        input_ids: Optional[torch.Tensor],
         attention_mask: Optional[torch.Tensor] = None,
         *,
         max_new_tokens: int = 20,
@@ -745,7 +746,10 @@ class DistributedModelForCausalLM:
         :param attention_mask: ``[batch, prompt_tokens]``, 0 marks padding
         :param max_new_tokens: tokens to generate per sequence
         :param streamer: an object with ``put(tensor)`` and ``end()`` (e.g. ``transformers.TextStreamer``)
-        :param session: an open :class:`InferenceSession` to continue; if None a new one is opened and closed
+        :param session: an open :class:`InferenceSession` to continue; if None a new one is opened and closed. A
+            session that generated before first runs the last token it generated (which no step has carried yet),
+            then ``input_ids``, so a conversation continues exactly as one long ``transformers`` generation; with
+            such a session ``input_ids`` may be None (continue from that token alone)
         :param routing: the chain of a new session: ``"latency"`` (interactive, the default) or ``"throughput"``
             (see :class:`InferenceSession`); ignored when ``session`` is given
         :returns: ``[batch, prompt_tokens + generated]`` token ids (fewer than ``max_new_tokens`` if every
@@ -754,9 +758,17 @@ class DistributedModelForCausalLM:
             unknown ``routing``
         :raises SwarmError: if the swarm cannot serve the request
         """
-        if input_ids.ndim != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+        pending = session.last_tokens if session is not None else None
+        if input_ids is None:
+            if pending is None:
+                raise ValueError("input_ids is None: pass a prompt, or a session that has generated before")
+            input_ids = pending.new_zeros((pending.shape[0], 0))
+            attention_mask = None
+        elif input_ids.ndim != 2 or input_ids.shape[0] < 1 or (input_ids.shape[1] < 1 and pending is None):
             raise ValueError(f"input_ids must be [batch >= 1, tokens >= 1], got shape {list(input_ids.shape)}")
         batch, prompt_len = input_ids.shape
+        if pending is not None and pending.shape[0] != batch:
+            raise ValueError(f"batch of {batch} sequences does not match the session's batch of {pending.shape[0]}")
         gc = self.generation_config
         eos = eos_token_id if eos_token_id is not None else gc.get("eos_token_id")
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
@@ -766,7 +778,8 @@ class DistributedModelForCausalLM:
         own_session = session is None
         if own_session:
             session = self.inference_session(prompt_len + max_new_tokens, batch, routing=routing)
-        needed = session.length + prompt_len + max_new_tokens - 1
+        carried = 0 if pending is None else 1
+        needed = session.length + carried + prompt_len + max_new_tokens - 1
         if needed > session.max_length:
             raise ValueError(
                 f"generating {max_new_tokens} tokens after a {prompt_len}-token prompt needs a session of "
@@ -781,6 +794,9 @@ class DistributedModelForCausalLM:
         sequences = input_ids
         unfinished = torch.ones(batch, dtype=torch.long)
         next_input, next_mask = input_ids, mask
+        if pending is not None:
+            next_input = torch.cat([pending.to(input_ids.device), input_ids], dim=1)
+            next_mask = None if mask is None else torch.cat([torch.ones(batch, 1, dtype=torch.long), mask], dim=1)
         try:
             for _ in range(max_new_tokens):
                 hidden = self.embed_tokens(next_input.to(self.device))
@@ -803,6 +819,7 @@ class DistributedModelForCausalLM:
                         break
                 next_input = next_tokens[:, None]
                 next_mask = None if mask is None else torch.ones(batch, 1, dtype=torch.long)
+            session.last_tokens = sequences[:, -1:].cpu()
         finally:
             if streamer is not None:
                 streamer.end()

@@ -47,6 +47,24 @@ def test_greedy_batch1_equals_transformers(setup):
     assert len(set(got[0, enc["input_ids"].shape[1]:].tolist())) > 4  # the check is not trivially a repeated token
 
 
+def test_continuing_a_session_equals_one_long_generation(setup):
+    """Found by a new user: a second ``generate`` in the same session lost the first one's last token (it was
+    sampled but never run through the blocks), so a multi-turn conversation silently diverged."""
+    path, swarm, client = setup
+    model, tok = _reference(path)
+    ids = tok(PROMPTS[0], return_tensors="pt")["input_ids"]
+    more = tok(" and then", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with client.inference_session(max_length=64) as session:
+        first = client.generate(ids, max_new_tokens=5, session=session)
+        second = client.generate(more, max_new_tokens=5, session=session)
+        third = client.generate(None, max_new_tokens=4, session=session)  # continue from the last token alone
+    assert second.shape[1] == more.shape[1] + 5 and third.shape[1] == 4
+    whole = torch.cat([first, second, third], dim=1)
+    prefix = torch.cat([first, more], dim=1)
+    expected = model.generate(prefix, attention_mask=torch.ones_like(prefix), max_new_tokens=9, do_sample=False)
+    assert torch.equal(whole, expected), (whole, expected)
+
+
 def test_greedy_batch_of_different_lengths_equals_transformers(setup):
     path, swarm, client = setup
     model, tok = _reference(path)
