@@ -59,6 +59,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _number(low: float, high: float = float("inf"), *, low_open: bool = False):
+    """An argparse type: a finite float in ``[low, high)`` (``(low, high)`` with ``low_open``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+        if not (value > low if low_open else value >= low) or not value < high:
+            where = f"above {low:g}" if low_open else f"at least {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {where}" + (f" and below {high:g}" if high < float("inf") else "")
+                                             + f", got {text}")
+        return value
+    return parse
+
+
 def _probability(text: str) -> float:
     try:
         value = float(text)
@@ -272,11 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "and moves when the swarm's rebalancing plan says so")
     p.add_argument("--balance", action="store_true",
                    help="with --blocks: start on that span, then move like a --num-blocks peer (at most as many blocks)")
-    p.add_argument("--rebalance-period", type=float, default=3.0,
+    p.add_argument("--rebalance-period", type=_number(0, low_open=True), default=3.0,
                    help="seconds between a balancing peer's placement checks (x0.5..1.5 jitter)")
-    p.add_argument("--rebalance-delay", type=float, default=0.0,
+    p.add_argument("--rebalance-delay", type=_number(0), default=0.0,
                    help="seconds after start before the first placement check")
-    p.add_argument("--rebalance-min-gain", type=float, default=0.1,
+    p.add_argument("--rebalance-min-gain", type=_number(0, 1), default=0.1,
                    help="move only if the swarm's estimated throughput rises by this fraction (hysteresis)")
     g2 = p.add_mutually_exclusive_group(required=True)
     g2.add_argument("--initial-peers", nargs="+", default=[], help="multiaddrs of peers already in the swarm")
@@ -290,14 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identity", default=None, help="path of a persistent Ed25519 key (created if missing)")
     p.add_argument("--max-cache-tokens", type=_positive_int, default=65536,
                    help="KV-cache budget of each block: tokens (batch x length) summed over all sessions")
-    p.add_argument("--session-timeout", type=float, default=300.0, help="close idle sessions after this many seconds")
-    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--throughput", type=float, default=None, help="announce this per-block throughput, skip measuring")
+    p.add_argument("--session-timeout", type=_number(0, low_open=True), default=300.0, help="close idle sessions after this many seconds")
+    p.add_argument("--num-threads", type=_positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--throughput", type=_number(0, low_open=True), default=None, help="announce this per-block throughput, skip measuring")
     p.add_argument("--throttle", type=float, default=1.0, help=argparse.SUPPRESS)  # testing: run N times slower
     p.add_argument("--crash-at-step", type=int, default=None, help=argparse.SUPPRESS)  # testing: SIGKILL itself
     p.add_argument("--hang-at-step", type=int, default=None, help=argparse.SUPPRESS)  # testing: go silent
     p.add_argument("--drop-pushes", action="store_true", help=argparse.SUPPRESS)  # testing: pushes get lost
-    p.add_argument("--record-ttl", type=float, default=10.0, help="seconds a DHT record lives unless refreshed")
+    p.add_argument("--record-ttl", type=_number(1), default=10.0, help="seconds a DHT record lives unless refreshed")
     p.set_defaults(func=cmd_peer)
 
     p = sub.add_parser("generate", help="generate text through the swarm")
@@ -306,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt")
     p.add_argument("--greedy", action="store_true", help="greedy decoding even if sampling options are given")
-    p.add_argument("--temperature", type=float, default=None, help="sample with this temperature (0: greedy)")
+    p.add_argument("--temperature", type=_number(0), default=None, help="sample with this temperature (0: greedy)")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=_probability, default=None, help="sample from the smallest set of this probability")
     p.add_argument("--repetition-penalty", type=float, default=None, help="penalize tokens already generated")

@@ -252,6 +252,13 @@ def test_more_user_mistakes_are_one_line_errors(mha_model, tmp_path):
         (["peer", "--model", mha_model, "--new-swarm", "--max-cache-tokens", "-5"], "--max-cache-tokens"),
         (["generate", "--model", mha_model, "--initial-peers", peer, "--prompt", "hi", "--top-p", "1.5"], "--top-p"),
         (["sim", "up", "--model", mha_model, "--peers", "0"], "cannot cover"),
+        # accepted before: a TTL of 0 made the peer re-store its record in a busy loop, a negative throughput hid
+        # the peer from every client, negative threads were a traceback, a negative temperature meant greedy
+        (["peer", "--model", mha_model, "--new-swarm", "--record-ttl", "0"], "--record-ttl"),
+        (["peer", "--model", mha_model, "--new-swarm", "--throughput", "-5"], "--throughput"),
+        (["peer", "--model", mha_model, "--new-swarm", "--num-threads", "-2"], "--num-threads"),
+        (["generate", "--model", mha_model, "--initial-peers", peer, "--prompt", "hi", "--temperature", "-1"],
+         "--temperature"),
     ]
     if not torch.cuda.is_available():
         cases.append((["peer", "--model", mha_model, "--new-swarm", "--device", "cuda"], "CUDA"))
