@@ -286,6 +286,7 @@ class TrainingPeer:
         if self.dht is not None:
             with contextlib.suppress(Exception):
                 self.dht.shutdown()
+        stop_children()
 
     # ---------------------------------------------------------------- progress records
     def _record(self, left: bool = False):
@@ -591,3 +592,19 @@ def install_signal_handlers(peer: TrainingPeer) -> None:
     peer._stop_signals = True
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: peer.stop())
+
+
+def stop_children(grace: float = 3.0) -> None:
+    """Kill this process's multiprocessing children (hivemind's DHT and averager processes) that are still alive
+    ``grace`` seconds after their shutdown was asked for. hivemind terminates a child that misses its shutdown
+    timeout but does not wait for it, and Python's exit then joins every child: a child stuck after a terminal's
+    Ctrl-C (SIGINT reaches the whole process group) kept a stopped training peer from ever exiting."""
+    import multiprocessing
+
+    deadline = time.monotonic() + grace
+    for child in multiprocessing.active_children():
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            logger.warning("network process %d did not stop; killing it", child.pid)
+            child.kill()
+            child.join(5)

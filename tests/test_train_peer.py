@@ -158,15 +158,17 @@ def test_train_cli_requires_a_swarm_choice(tiny_model, tmp_path, capsys):
 
 def test_ctrl_c_stops_a_training_peer(tiny_model, swarm_home, tmp_path):
     """SIGINT (Ctrl-C) makes a training peer leave after its current inner step: starting hivemind's averager
-    process once left SIGINT ignored, so Ctrl-C did nothing; it then exited 1 as if training had failed."""
+    process once left SIGINT ignored, so Ctrl-C did nothing; it then exited 1 as if training had failed; and with
+    the signal sent to the whole process group (a terminal's Ctrl-C) it hung after TRAIN_DONE, waiting for a
+    network child process that never exited."""
     import signal
     import subprocess
 
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "swarm.cli", "train", "--model", tiny_model, "--new-swarm", "--run-dir", str(run_dir),
-         "--inner-steps", "1000", "--outer-steps", "5", "--batch-size", "2", "--seq-len", "32",
-         "--eval-sequences", "2", "--no-save-model"],
+         "--inner-steps", "10", "--outer-steps", "50", "--batch-size", "2", "--seq-len", "32",
+         "--eval-sequences", "2", "--min-wait", "1", "--no-save-model"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT)),
     )
@@ -175,7 +177,7 @@ def test_ctrl_c_stops_a_training_peer(tiny_model, swarm_home, tmp_path):
             if line.startswith("TRAIN_READY"):
                 break
         time.sleep(2)
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the whole process group, children too
         proc.wait(timeout=60)
         assert (run_dir / "checkpoint.pt").exists() or (run_dir / "summary.json").exists()
         assert proc.returncode == 0, proc.returncode
@@ -183,3 +185,28 @@ def test_ctrl_c_stops_a_training_peer(tiny_model, swarm_home, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def _stuck_child():
+    import signal as _signal
+
+    _signal.signal(_signal.SIGTERM, _signal.SIG_IGN)
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+    time.sleep(600)
+
+
+def test_a_network_child_that_ignores_shutdown_is_killed():
+    """A stopped training peer must not wait forever on a network child process that does not exit (Python joins
+    every multiprocessing child at exit)."""
+    import multiprocessing
+
+    from peer.trainer import stop_children
+
+    child = multiprocessing.get_context("fork").Process(target=_stuck_child, daemon=True)
+    child.start()
+    time.sleep(0.5)
+    child.terminate()  # what hivemind does after its shutdown timeout: ignored by this child
+    t0 = time.monotonic()
+    stop_children(grace=1.0)
+    assert not child.is_alive()
+    assert time.monotonic() - t0 < 10
