@@ -94,6 +94,8 @@ def _blocks(text: str):
 
 # ------------------------------------------------------------------------------------------------ dht
 def cmd_dht(args) -> int:
+    from hivemind.p2p.p2p_daemon_bindings.control import P2PDaemonError
+
     from protocols.transport import PortInUseError, create_dht_node, create_p2p, start_reaper
 
     start_reaper()
@@ -101,10 +103,14 @@ def cmd_dht(args) -> int:
     async def main():
         try:
             p2p = await create_p2p(host_maddrs=args.host_maddrs, identity_path=args.identity)
-        except PortInUseError as e:
+            node = await create_dht_node(p2p, args.initial_peers)
+        except (PortInUseError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        node = await create_dht_node(p2p, args.initial_peers)
+        except P2PDaemonError as e:
+            print(f"error: the libp2p daemon refused the addresses given "
+                  f"({' '.join(args.initial_peers + args.host_maddrs)}): {e}", file=sys.stderr)
+            return 2
         maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
         print("Bootstrap node running. Pass these to other peers and clients as --initial-peers:", flush=True)
         for m in maddrs:
@@ -127,6 +133,8 @@ def cmd_dht(args) -> int:
 
 # ------------------------------------------------------------------------------------------------ peer
 def cmd_peer(args) -> int:
+    from hivemind.p2p.p2p_daemon_bindings.control import P2PDaemonError
+
     from peer.server import PeerOptions, run_peer
     from protocols.model_spec import ModelSpecError
     from protocols.transport import PortInUseError
@@ -147,6 +155,10 @@ def cmd_peer(args) -> int:
         return run_peer(opts)
     except (PortInUseError, ModelSpecError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except P2PDaemonError as e:  # a malformed or unreachable --initial-peers / --host-maddrs address
+        print(f"error: the libp2p daemon refused the addresses given ({' '.join(args.initial_peers + args.host_maddrs)}): "
+              f"{e}", file=sys.stderr)
         return 2
 
 

@@ -259,6 +259,9 @@ def test_more_user_mistakes_are_one_line_errors(mha_model, tmp_path):
         (["peer", "--model", mha_model, "--new-swarm", "--num-threads", "-2"], "--num-threads"),
         (["generate", "--model", mha_model, "--initial-peers", peer, "--prompt", "hi", "--temperature", "-1"],
          "--temperature"),
+        # tracebacks before: a malformed multiaddr reached the libp2p daemon unchecked
+        (["peer", "--model", mha_model, "--initial-peers", "foo"], "foo"),
+        (["dht", "--host-maddrs", "notanaddr"], "notanaddr"),
     ]
     if not torch.cuda.is_available():
         cases.append((["peer", "--model", mha_model, "--new-swarm", "--device", "cuda"], "CUDA"))
