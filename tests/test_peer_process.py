@@ -275,14 +275,19 @@ def test_more_user_mistakes_are_one_line_errors(mha_model, tmp_path):
 def test_ctrl_c_during_generate_exits_quietly_without_blaming_a_peer(mha_model):
     """Found by a new user: Ctrl-C during ``swarm generate`` left the step running in the background, where it
     then failed, logged "peer ... failed" and banned a healthy peer before "interrupted" was printed."""
-    with LocalSwarm(mha_model, spans=[(0, 2), (2, 4)], peer_args=[["--throttle", "60"], []]) as s:
+    import select
+
+    with LocalSwarm(mha_model, spans=[(0, 2), (2, 4)], peer_args=[["--throttle", "15"], []]) as s:
         proc = subprocess.Popen(
             _swarm_cmd("generate", "--model", mha_model, "--initial-peers", *s.initial_peers, "--prompt", "hello",
                        "--max-new-tokens", "1500"),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
         )
         try:
-            time.sleep(10)  # connected and generating (1500 steps of the throttled peer take far longer)
+            # the streamed text has begun: generating (1500 steps of the throttled peer take far longer than 1 s)
+            assert select.select([proc.stdout], [], [], 90)[0], "nothing was generated"
+            proc.stdout.read1(64)
+            time.sleep(1)
             assert proc.poll() is None, proc.communicate()
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=60)
@@ -290,6 +295,7 @@ def test_ctrl_c_during_generate_exits_quietly_without_blaming_a_peer(mha_model):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        err = err.decode(errors="replace")
         assert proc.returncode == 130, (proc.returncode, err[-1000:])
         assert "interrupted" in err
         assert "failed" not in err and "ban" not in err and "Traceback" not in err, err[-1000:]
