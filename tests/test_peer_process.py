@@ -282,6 +282,9 @@ def test_ctrl_c_during_generate_exits_quietly_without_blaming_a_peer(mha_model):
             _swarm_cmd("generate", "--model", mha_model, "--initial-peers", *s.initial_peers, "--prompt", "hello",
                        "--max-new-tokens", "1500"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+            # as from a shell: an averager started earlier in this test process left SIGINT ignored, and a child
+            # inherits that (then Python installs no KeyboardInterrupt handler at all)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:
             # the streamed text has begun: generating (1500 steps of the throttled peer take far longer than 1 s)
