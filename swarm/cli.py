@@ -89,6 +89,8 @@ def _blocks(text: str):
         start, end = (int(x) for x in text.split(":"))
     except ValueError:
         raise argparse.ArgumentTypeError("--blocks takes START:END, e.g. 0:4")
+    if start < 0 or end <= start:
+        raise argparse.ArgumentTypeError(f"{text} is an empty or reversed span: START:END with 0 <= START < END")
     return start, end
 
 

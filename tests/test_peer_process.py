@@ -259,6 +259,7 @@ def test_more_user_mistakes_are_one_line_errors(mha_model, tmp_path):
         (["peer", "--model", mha_model, "--new-swarm", "--num-threads", "-2"], "--num-threads"),
         (["generate", "--model", mha_model, "--initial-peers", peer, "--prompt", "hi", "--temperature", "-1"],
          "--temperature"),
+        (["peer", "--model", mha_model, "--new-swarm", "--blocks", "3:3"], "empty or reversed"),  # said "outside"
         # tracebacks before: a malformed multiaddr reached the libp2p daemon unchecked
         (["peer", "--model", mha_model, "--initial-peers", "foo"], "foo"),
         (["dht", "--host-maddrs", "notanaddr"], "notanaddr"),
