@@ -59,29 +59,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _number(low: float, high: float = float("inf"), *, low_open: bool = False):
-    """An argparse type: a finite float in ``[low, high)`` (``(low, high)`` with ``low_open``)."""
+def _number(low: float, high: float = float("inf"), *, low_open: bool = False, high_closed: bool = False):
+    """An argparse type: a float in ``[low, high)``; ``low_open`` excludes ``low``, ``high_closed`` includes
+    ``high``."""
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-        if not (value > low if low_open else value >= low) or not value < high:
+        if not (value > low if low_open else value >= low) or not (value <= high if high_closed else value < high):
             where = f"above {low:g}" if low_open else f"at least {low:g}"
-            raise argparse.ArgumentTypeError(f"must be {where}" + (f" and below {high:g}" if high < float("inf") else "")
-                                             + f", got {text}")
+            if high < float("inf"):
+                where += f" and {'at most' if high_closed else 'below'} {high:g}"
+            raise argparse.ArgumentTypeError(f"must be {where}, got {text}")
         return value
     return parse
-
-
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
 
 
 def _blocks(text: str):
@@ -95,6 +87,13 @@ def _blocks(text: str):
 
 
 # ------------------------------------------------------------------------------------------------ dht
+def _refused_addresses(args, error: Exception) -> int:
+    """One-line error for a malformed or unreachable --initial-peers / --host-maddrs address; exit code 2."""
+    given = " ".join(args.initial_peers + args.host_maddrs)
+    print(f"error: the libp2p daemon refused the addresses given ({given}): {error}", file=sys.stderr)
+    return 2
+
+
 def cmd_dht(args) -> int:
     from hivemind.p2p.p2p_daemon_bindings.control import P2PDaemonError
 
@@ -110,9 +109,7 @@ def cmd_dht(args) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         except P2PDaemonError as e:
-            print(f"error: the libp2p daemon refused the addresses given "
-                  f"({' '.join(args.initial_peers + args.host_maddrs)}): {e}", file=sys.stderr)
-            return 2
+            return _refused_addresses(args, e)
         maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
         print("Bootstrap node running. Pass these to other peers and clients as --initial-peers:", flush=True)
         for m in maddrs:
@@ -159,9 +156,7 @@ def cmd_peer(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except P2PDaemonError as e:  # a malformed or unreachable --initial-peers / --host-maddrs address
-        print(f"error: the libp2p daemon refused the addresses given ({' '.join(args.initial_peers + args.host_maddrs)}): "
-              f"{e}", file=sys.stderr)
-        return 2
+        return _refused_addresses(args, e)
 
 
 # ------------------------------------------------------------------------------------------------ generate
@@ -337,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true", help="greedy decoding even if sampling options are given")
     p.add_argument("--temperature", type=_number(0), default=None, help="sample with this temperature (0: greedy)")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=_probability, default=None, help="sample from the smallest set of this probability")
+    p.add_argument("--top-p", type=_number(0, 1, low_open=True, high_closed=True), default=None, help="sample from the smallest set of this probability")
     p.add_argument("--repetition-penalty", type=float, default=None, help="penalize tokens already generated")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler")
     p.add_argument("--json", action="store_true", help="print one JSON object with token ids and text")
