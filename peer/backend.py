@@ -4,6 +4,14 @@
 hidden states through any sub-range of them, exactly as the Hugging Face model's ``forward`` would: the same
 causal/padding mask (``transformers.masking_utils.create_causal_mask``), the same rotary position embeddings
 and the same per-layer KV cache, so distributed outputs equal the single-process ones.
+
+On a CUDA device, an inference session's KV cache is a :class:`GraphCache`: a fixed-size cache (``transformers``
+``StaticCache``, one slot per token of the session's ``max_length``) whose decode steps (one new token per row)
+replay a CUDA graph of the span's layers, captured at the session's first decode step. A decode step of a small
+batch is bound by kernel launches and Python, not by the GPU (an 8B model at batch 1 runs ~15 kernels per block),
+and a graph replays all of them with one launch: the technique of vLLM's and TensorRT-LLM's decode loops and of
+``transformers``' own static-cache ``generate``. The attention then covers all ``max_length`` slots, the unused
+ones masked out, so the result equals the growing-cache one up to floating-point rounding of a different kernel.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 from transformers.masking_utils import create_causal_mask
 
 from protocols.model_spec import Checkpoint, build_meta_model
@@ -30,14 +38,17 @@ class SpanBackend:
     :param end: last block (exclusive)
     :param device: torch device string
     :param dtype: parameter and activation dtype
+    :param use_graphs: on a CUDA device, give sessions a :class:`GraphCache` (decode steps as CUDA graphs)
     :raises ValueError: if the span is empty or outside the model
     """
 
-    def __init__(self, checkpoint: Checkpoint, start: int, end: int, device: str = "cpu", dtype=torch.float32):
+    def __init__(self, checkpoint: Checkpoint, start: int, end: int, device: str = "cpu", dtype=torch.float32,
+                 use_graphs: bool = True):
         if not 0 <= start < end <= checkpoint.num_blocks:
             raise ValueError(f"span {start}:{end} is outside the model's {checkpoint.num_blocks} blocks")
         self.checkpoint, self.start, self.end = checkpoint, start, end
         self.device, self.dtype = torch.device(device), dtype
+        self.use_graphs = use_graphs  # CUDA graphs for decode steps where supported (see graphs_supported)
         self.config = checkpoint.config
         self.span_config = checkpoint.span_config(start, end)
         self.hidden_size = int(self.config.hidden_size)
@@ -75,8 +86,22 @@ class SpanBackend:
         kv_heads = getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
         return 2 * kv_heads * head_dim * torch.tensor([], dtype=self.dtype).element_size()
 
-    def new_cache(self) -> DynamicCache:
-        """An empty KV cache for one inference session over this span."""
+    def graphs_supported(self) -> bool:
+        """Whether sessions on this span can use :class:`GraphCache`: a CUDA device, graphs not turned off, and only
+        full-attention layers (sliding-window and linear-attention caches are not static here)."""
+        types = getattr(self.span_config, "layer_types", None) or ["full_attention"]
+        return (self.device.type == "cuda" and self.use_graphs and all(t == "full_attention" for t in types)
+                and getattr(self.config, "_attn_implementation", "sdpa") in ("sdpa", "eager"))
+
+    def new_cache(self, batch_size: int = 1, max_length: Optional[int] = None):
+        """An empty KV cache for one inference session over this span.
+
+        :param batch_size: rows of the session
+        :param max_length: tokens (including padding) the session may hold; with it, on a CUDA device, a
+            :class:`GraphCache` of that size (see the module docstring), else a growing ``DynamicCache``
+        """
+        if max_length is not None and self.graphs_supported():
+            return GraphCache(self, batch_size, max_length)
         return DynamicCache(config=self.span_config)
 
     @torch.inference_mode()
@@ -104,6 +129,8 @@ class SpanBackend:
         position_ids = position_ids.to(self.device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
+        if isinstance(cache, GraphCache):
+            return cache.forward(hidden_states, start - self.start, end - self.start, position_ids, attention_mask)
         mask = create_causal_mask(
             config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask, cache=cache,
             position_ids=position_ids, layer_idx=start - self.start,
@@ -115,6 +142,90 @@ class SpanBackend:
                 use_cache=cache is not None, position_embeddings=position_embeddings,
             )
         return hidden_states
+
+
+class GraphCache(StaticCache):
+    """A session's fixed-size KV cache on a CUDA device, whose decode steps replay a captured CUDA graph.
+
+    Slots ``0 .. max_length - 1`` hold the session's tokens in arrival order (padding included), like the rows of
+    a growing cache. ``valid[b, j]`` says whether slot ``j`` of row ``b`` is a real token; token ``i`` attends to
+    slots ``j <= i`` that are valid (and to itself, so a padding token's row is never empty). Any step with more
+    than one token (prefill, replay) runs eagerly; a one-token step replays the graph of its layer range,
+    captured at its first use (one warm-up run on a side stream, then capture; about two eager steps' time).
+
+    :param backend: the span
+    :param batch_size: rows
+    :param max_length: slots per row
+    :raises ValueError: (from :meth:`forward`) if a step would go past ``max_length``
+    """
+
+    def __init__(self, backend: "SpanBackend", batch_size: int, max_length: int):
+        super().__init__(config=backend.span_config, max_cache_len=max_length)
+        self.backend, self.rows, self.max_length = backend, batch_size, max_length
+        self.valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=backend.device)
+        self.slots = torch.arange(max_length, device=backend.device)
+        self.used = 0  # slots written
+        self.graphs = {}  # (first, last) layer index -> (graph, static inputs, static output)
+        self.replays = 0
+        self.capture = backend.device.type == "cuda"  # elsewhere every step runs eagerly on the static slots
+
+    def _mask(self, q: int) -> torch.Tensor:
+        """``[batch, 1, q, max_length]`` bool: which slots each of the next ``q`` tokens attends to."""
+        mine = self.slots[self.used:self.used + q]  # [q]
+        causal = self.slots[None, :] <= mine[:, None]  # [q, max_length]
+        own = self.slots[None, :] == mine[:, None]
+        return (causal[None] & (self.valid[:, None, :] | own[None]))[:, None]
+
+    def _run(self, hidden, first, last, mask, cos, sin, position_ids):
+        layers = self.backend.layers
+        for i in range(first, last):
+            hidden = layers[i](hidden, attention_mask=mask, position_ids=position_ids, cache=self,
+                               use_cache=True, position_embeddings=(cos, sin))
+        return hidden
+
+    def forward(self, hidden: torch.Tensor, first: int, last: int, position_ids: torch.Tensor,
+                attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Run ``hidden`` ``[batch, q, hidden_size]`` through layers ``[first, last)`` of the span (indices within
+        it), appending the ``q`` tokens to this cache; ``attention_mask`` is the session's ``[batch, past + q]``
+        padding mask or None. :returns: ``[batch, q, hidden_size]``"""
+        b, q, _ = hidden.shape
+        if b != self.rows or self.used + q > self.max_length:
+            raise ValueError(f"a step of {b} x {q} tokens does not fit a cache of {self.rows} x "
+                             f"{self.max_length} slots holding {self.used}")
+        new = attention_mask[:, -q:].bool() if attention_mask is not None else True
+        self.valid[:, self.used:self.used + q] = new
+        mask = self._mask(q)
+        cos, sin = self.backend.rotary_emb(hidden, position_ids=position_ids)
+        if q > 1 or not self.capture or not all(self.layers[i].is_initialized for i in range(first, last)):
+            out = self._run(hidden, first, last, mask, cos, sin, position_ids)  # prefill, or a first step of 1
+        else:
+            out = self._replay(hidden, first, last, mask, cos, sin, position_ids)
+        self.used += q
+        return out
+
+    def _replay(self, hidden, first, last, mask, cos, sin, position_ids):
+        entry = self.graphs.get((first, last))
+        if entry is None:
+            static = [t.clone() for t in (hidden, mask, cos, sin, position_ids)]
+            used = [self.layers[i] for i in range(first, last)]
+            lengths = [layer.cumulative_length.clone() for layer in used]
+            stream = torch.cuda.Stream(device=self.backend.device)
+            stream.wait_stream(torch.cuda.current_stream(self.backend.device))
+            with torch.cuda.stream(stream):
+                self._run(static[0], first, last, *static[1:])  # warm-up: lazy buffers, library handles
+            torch.cuda.current_stream(self.backend.device).wait_stream(stream)
+            for layer, n in zip(used, lengths):
+                layer.cumulative_length.copy_(n)  # the warm-up wrote this step's slot; the replay rewrites it
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = self._run(static[0], first, last, *static[1:])
+            entry = self.graphs[(first, last)] = (graph, static, output)
+        graph, static, output = entry
+        for dst, src in zip(static, (hidden, mask, cos, sin, position_ids)):
+            dst.copy_(src)
+        graph.replay()
+        self.replays += 1
+        return output.clone()
 
 
 def positions_for(mask_chunk: torch.Tensor, real_tokens_before: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,7 @@ class PeerOptions:
     identity_path: Optional[str] = None
     max_cache_tokens: int = 65536
     max_chunk_tokens: int = 8192
+    cuda_graphs: bool = True  # decode steps as CUDA graphs on a CUDA device (peer.backend.GraphCache)
     session_timeout: float = 300.0
     record_ttl: float = 10.0
     num_threads: Optional[int] = None
@@ -128,6 +129,8 @@ class Session:
         self.request_task: Optional[asyncio.Future] = None  # the client's next request, while a push is awaited
         self.pushed_steps = 0  # steps computed from a push
         self.client_steps = 0  # steps the client sent itself (used, or dropped because the push came first)
+        self.steps = 0  # steps computed (prefill and decode)
+        self.compute_s = 0.0  # their time: the blocks and the output's copy to host memory
 
 
 class Peer:
@@ -200,7 +203,8 @@ class Peer:
 
         loop = asyncio.get_running_loop()
         self.backend = await loop.run_in_executor(
-            self.pool, lambda: SpanBackend(self.checkpoint, self.start_block, self.end_block, opts.device, self.dtype)
+            self.pool, lambda: SpanBackend(self.checkpoint, self.start_block, self.end_block, opts.device, self.dtype,
+                                       use_graphs=opts.cuda_graphs)
         )
         if opts.throughput is not None:
             self.forward_tps = self.decode_sps = float(opts.throughput)
@@ -339,7 +343,8 @@ class Peer:
         logger.info("moving from blocks %d:%d to %d:%d: %s", *old_span, start, end, reason)
         loop = asyncio.get_running_loop()
         backend = await loop.run_in_executor(  # not the compute thread: open sessions keep being served
-            None, lambda: SpanBackend(self.checkpoint, start, end, self.opts.device, self.dtype)
+            None, lambda: SpanBackend(self.checkpoint, start, end, self.opts.device, self.dtype,
+                                      use_graphs=self.opts.cuda_graphs)
         )
         if check is not None:
             why = await check()
@@ -558,7 +563,7 @@ class Peer:
                 f"(batch {batch_size} x max_length {max_length}) and this peer has "
                 f"{max(free, 0) // max(end - start, 1)} free"
             )
-        session = Session(session_id, start, end, batch_size, max_length, backend.new_cache())
+        session = Session(session_id, start, end, batch_size, max_length, backend.new_cache(batch_size, max_length))
         session.backend = backend
         self.sessions[session_id] = session
         self.reserved_tokens += session.reserved
@@ -569,7 +574,9 @@ class Peer:
         if self.sessions.pop(session.session_id, None) is not None:
             self.reserved_tokens -= session.reserved
             session.cache = None
-            logger.info("session %s closed after %d tokens%s", session.session_id[:8], session.length,
+            logger.info("session %s closed after %d tokens in %d steps, %.1f ms per step computing%s",
+                        session.session_id[:8], session.length, session.steps,
+                        1e3 * session.compute_s / max(session.steps, 1),
                         f" ({session.pushed_steps} steps from pushes, {session.client_steps} sent by the client)"
                         if session.push_from is not None else "")
 
@@ -694,6 +701,7 @@ class Peer:
                             raise ProtocolError("replay must list positive chunk lengths that add up to the tokens sent")
                     else:
                         chunks = [q]
+                    t0 = time.perf_counter()
                     if hidden.shape[0] * hidden.shape[1] <= INLINE_TOKENS and self.opts.throttle <= 1:
                         # a decode step of a few tokens takes about a millisecond: running it here saves two
                         # thread hand-offs, and the event loop is blocked only that long
@@ -703,6 +711,8 @@ class Peer:
                             self.pool, self._timed, lambda: self._run_steps(session, hidden, mask, chunks)
                         )
                     encoded = encode_tensor(out)
+                    session.steps += 1
+                    session.compute_s += time.perf_counter() - t0
                     pushing = (session.push_to is not None and meta.get("replay") is None and isinstance(step, int)
                                and step >= 0)
                     if pushing:

@@ -28,7 +28,7 @@ def measure_throughput(backend: SpanBackend, model_uid: str, use_cache: bool = T
     :returns: ``(forward_tps, decode_sps)``: prefill tokens per second through one block (a 128-token prompt),
         and batch-1 decode steps per second through one block (with a 128-token KV cache)
     """
-    key = f"{model_uid}|{backend.device}|{backend.dtype}|{torch.get_num_threads()}"
+    key = f"{model_uid}|{backend.device}|{backend.dtype}|{torch.get_num_threads()}|graphs={backend.graphs_supported()}"
     path = _cache_file()
     cached = {}
     if use_cache and os.path.exists(path):
@@ -42,16 +42,26 @@ def measure_throughput(backend: SpanBackend, model_uid: str, use_cache: bool = T
     h = backend.hidden_size
     prompt = torch.randn(1, 128, h, dtype=backend.dtype, device=backend.device) * 0.1
     pos = torch.arange(128, device=backend.device)[None]
-    cache = backend.new_cache()
+    sync = torch.cuda.synchronize if backend.device.type == "cuda" else (lambda: None)
+    cache = backend.new_cache(1, 128 + 16)  # the kind of cache a session gets (CUDA: decode steps as a graph)
     backend.forward(prompt, position_ids=pos, cache=cache)  # warm-up
     reps, t0 = 2, time.perf_counter()
     for _ in range(reps):
         backend.forward(prompt, position_ids=pos)
+    sync()
     prefill_s = (time.perf_counter() - t0) / reps
     token = prompt[:, :1]
+
+    def step(i):
+        return backend.forward(token, position_ids=torch.tensor([[128 + i]], device=backend.device), cache=cache)
+
+    for i in range(2):
+        step(i)  # a graph is captured at the first decode step
+    sync()
     steps, t0 = 8, time.perf_counter()
-    for i in range(steps):
-        backend.forward(token, position_ids=torch.tensor([[128 + i]], device=backend.device), cache=cache)
+    for i in range(2, 2 + steps):
+        step(i)
+    sync()
     decode_s = (time.perf_counter() - t0) / steps
     forward_tps = 128 * backend.num_blocks / prefill_s
     decode_sps = backend.num_blocks / decode_s

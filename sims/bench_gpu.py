@@ -74,6 +74,47 @@ def _timed(fn, reps: int = 2):
     return best
 
 
+def span_steps(path: str, start: int, end: int, batch: int, prompt: int = 16, steps: int = 32) -> dict:
+    """Decode-step time (ms) of blocks ``[start, end)`` in this process: the growing cache run eagerly, and the
+    fixed-size cache replaying a CUDA graph (:class:`peer.backend.GraphCache`)."""
+    from peer.backend import SpanBackend
+    from protocols.model_spec import Checkpoint
+
+    backend = SpanBackend(Checkpoint(path), start, end, device="cuda", dtype=torch.bfloat16)
+    out = {}
+    for name, make in (("eager_ms", lambda: backend.new_cache()),
+                       ("graph_ms", lambda: backend.new_cache(batch, prompt + steps + 4))):
+        cache = make()
+        x = torch.randn(batch, prompt, backend.hidden_size, device="cuda", dtype=torch.bfloat16) * 0.1
+        backend.forward(x, position_ids=torch.arange(prompt, device="cuda").expand(batch, -1), cache=cache)
+        tok = x[:, :1]
+        for i in range(2):
+            backend.forward(tok, position_ids=torch.full((batch, 1), prompt + i, device="cuda"), cache=cache)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(2, steps):
+            backend.forward(tok, position_ids=torch.full((batch, 1), prompt + i, device="cuda"), cache=cache)
+        torch.cuda.synchronize()
+        out[name] = 1e3 * (time.perf_counter() - t0) / (steps - 2)
+    del backend
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def _peer_compute(log_dir: str) -> list:
+    """Each closed session's "ms per step computing" from the peers' logs, in order."""
+    import glob
+    import re
+
+    found = []
+    for path in sorted(glob.glob(os.path.join(log_dir, "peer*.log"))):
+        with open(path) as f:
+            found += [(os.path.basename(path), int(n), float(ms))
+                      for n, ms in re.findall(r"closed after \d+ tokens in (\d+) steps, ([\d.]+) ms per step", f.read())]
+    return found
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--path", default="/tmp/llama-8b-random")
@@ -85,6 +126,8 @@ def main(argv=None) -> int:
     parser.add_argument("--log-dir", default=None, help="keep the peers' logs here")
     parser.add_argument("--client-device", default="cuda", help="where the client runs embeddings and the LM head")
     parser.add_argument("--out", default="out/bench_gpu.json")
+    parser.add_argument("--no-graphs-ab", action="store_true",
+                        help="run the swarm once (CUDA graphs on), not a second time with --no-cuda-graphs")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers import AutoModelForCausalLM
@@ -105,39 +148,74 @@ def main(argv=None) -> int:
 
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda").eval()
 
-    def ref_gen(ids, new):
+    def ref_gen(ids, new, **kw):
         with torch.inference_mode():
             return ref.generate(input_ids=ids.cuda(), attention_mask=torch.ones_like(ids).cuda(), max_new_tokens=new,
-                                min_new_tokens=new, do_sample=False)
+                                min_new_tokens=new, do_sample=False, **kw)
 
     local = {
         "batch1_s": _timed(lambda: ref_gen(p1, n)), "batch16_s": _timed(lambda: ref_gen(p16, n)),
         "prefill2048_s": _timed(lambda: ref_gen(p2048, 1)),
     }
     ref_out = ref_gen(p1, 32).cpu()
+    # the same computation with transformers' fixed-size cache (attention over all slots, unused ones masked), as
+    # the peers' CUDA-graphed decode steps run it: greedy tokens on random weights sit within rounding of each other
+    # and flip with the attention kernel
+    ref_static_out = ref_gen(p1, 32, cache_implementation="static").cpu()
     print("transformers:", local, flush=True)
     del ref
     gc.collect()
     torch.cuda.empty_cache()
 
     half = args.layers // 2
-    peer_args = ["--device", "cuda", "--dtype", "bfloat16", "--max-cache-tokens", "200000"]
-    with LocalSwarm(path, spans=[(0, half), (half, args.layers)], peer_args=peer_args, num_threads=None,
-                    ready_timeout=600, log_dir=args.log_dir) as swarm:
-        print(f"swarm ready in {swarm.ready_seconds:.1f}s", flush=True)
-        with DistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
-                                                         device=args.client_device,
-                                                         dtype="bfloat16") as client:
-            def swarm_gen(ids, new):
-                return client.generate(ids, max_new_tokens=new, eos_token_id=[])
+    spans = {f"batch {b}": span_steps(path, 0, half, b) for b in (1, 16)}
+    print("one span of", half, "blocks, decode step (ms) in this process:", spans, flush=True)
 
-            dist = {
-                "batch1_s": _timed(lambda: swarm_gen(p1, n)), "batch16_s": _timed(lambda: swarm_gen(p16, n)),
-                "prefill2048_s": _timed(lambda: swarm_gen(p2048, 1)),
-            }
-            swarm_out = swarm_gen(p1, 32).cpu()
-        ready = swarm.ready_seconds
-    print("swarm:", dist, flush=True)
+    from swarm.client import InferenceSession
+
+    step_time = [0.0]
+    plain_step = InferenceSession.step
+
+    def timed_step(self, *a, **k):  # the client's wait on the swarm, per token (not counted: embeddings, LM head)
+        t0 = time.perf_counter()
+        try:
+            return plain_step(self, *a, **k)
+        finally:
+            step_time[0] += time.perf_counter() - t0
+
+    InferenceSession.step = timed_step
+    variants = [("graphs", [])] + ([] if args.no_graphs_ab else [("no graphs", ["--no-cuda-graphs"])])
+    runs = {}
+    for name, extra in variants:
+        peer_args = ["--device", "cuda", "--dtype", "bfloat16", "--max-cache-tokens", "200000", *extra]
+        log_dir = os.path.join(args.log_dir, name.replace(" ", "_")) if args.log_dir else None
+        with LocalSwarm(path, spans=[(0, half), (half, args.layers)], peer_args=peer_args, num_threads=None,
+                        ready_timeout=600, log_dir=log_dir, keep_logs=True) as swarm:
+            print(f"[{name}] swarm ready in {swarm.ready_seconds:.1f}s", flush=True)
+            with DistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
+                                                             device=args.client_device,
+                                                             dtype="bfloat16") as client:
+                def swarm_gen(ids, new):
+                    return client.generate(ids, max_new_tokens=new, eos_token_id=[])
+
+                dist = {}
+                for key, ids, new in (("batch1_s", p1, n), ("batch16_s", p16, n), ("prefill2048_s", p2048, 1)):
+                    swarm_gen(ids, new)  # warm-up
+                    best = (float("inf"), 0.0)
+                    for _ in range(2):
+                        step_time[0], t0 = 0.0, time.perf_counter()
+                        swarm_gen(ids, new)
+                        best = min(best, (time.perf_counter() - t0, step_time[0]))
+                    dist[key], dist[key.replace("_s", "_in_swarm_steps_s")] = best
+                swarm_out = swarm_gen(p1, 32).cpu()
+            ready = swarm.ready_seconds
+            logs = swarm.log_dir
+        compute = _peer_compute(logs)
+        print(f"[{name}] swarm:", dist, flush=True)
+        print(f"[{name}] peers' sessions (log, steps, ms per step computing):", compute, flush=True)
+        runs[name] = dict(dist=dist, out=swarm_out, ready=ready, peer_sessions=compute)
+    InferenceSession.step = plain_step
+    dist, swarm_out, ready = runs["graphs"]["dist"], runs["graphs"]["out"], runs["graphs"]["ready"]
     rows = {
         "tokens/s, batch 1": (n / local["batch1_s"], n / dist["batch1_s"]),
         "new tokens/s, batch 16": (16 * n / local["batch16_s"], 16 * n / dist["batch16_s"]),
@@ -146,12 +224,26 @@ def main(argv=None) -> int:
     print(f"\n{'figure':30s} {'transformers':>13s} {'swarm':>10s} {'swarm/transformers':>19s}")
     for k, (a, b) in rows.items():
         print(f"{k:30s} {a:13.2f} {b:10.2f} {b / a:19.2f}")
+    if "no graphs" in runs:
+        other = runs["no graphs"]["dist"]
+        print(f"without CUDA graphs: batch 1 {n / other['batch1_s']:.2f} tokens/s "
+              f"({n / other['batch1_s'] / rows['tokens/s, batch 1'][0]:.2f} of transformers), batch 16 "
+              f"{16 * n / other['batch16_s']:.2f}, prefill {other['prefill2048_s']:.3f} s")
     same = bool(torch.equal(ref_out, swarm_out))
-    print(f"swarm ready (s): {ready:.1f}; 32 greedy tokens equal to transformers: {same}")
+    agree = float((ref_out == swarm_out).float().mean())
+    same_static = bool(torch.equal(ref_static_out, swarm_out))
+    print(f"swarm ready (s): {ready:.1f}; 32 greedy tokens equal to transformers: {same} ({agree:.0%} of tokens); "
+          f"equal to transformers with its static cache: {same_static}")
+    for name, r in runs.items():
+        if name != "graphs":
+            print(f"[{name}] 32 greedy tokens equal to transformers: {bool(torch.equal(ref_out, r['out']))}")
     result = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "torch": torch.__version__, "rows": {k: {"transformers": a, "swarm": b, "ratio": b / a}
                                                    for k, (a, b) in rows.items()},
-              "swarm_ready_s": ready, "greedy_equal": same, "raw": {"transformers": local, "swarm": dist}}
+              "swarm_ready_s": ready, "greedy_equal": same, "greedy_agreement": agree,
+              "greedy_equal_static_cache": same_static, "span_decode_ms": spans,
+              "raw": {"transformers": local, **{f"swarm ({k})": r["dist"] for k, r in runs.items()}},
+              "peer_sessions": {k: r["peer_sessions"] for k, r in runs.items()}}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -147,7 +147,7 @@ def cmd_peer(args) -> int:
             max_cache_tokens=args.max_cache_tokens, session_timeout=args.session_timeout,
             num_threads=args.num_threads, throughput=args.throughput, throttle=args.throttle,
             record_ttl=args.record_ttl, crash_at_step=args.crash_at_step, hang_at_step=args.hang_at_step,
-            drop_pushes=args.drop_pushes,
+            drop_pushes=args.drop_pushes, cuda_graphs=args.cuda_graphs,
             balance=args.balance, rebalance_period=args.rebalance_period, rebalance_min_gain=args.rebalance_min_gain,
             rebalance_delay=args.rebalance_delay,
         )
@@ -315,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cache-tokens", type=_positive_int, default=65536,
                    help="KV-cache budget of each block: tokens (batch x length) summed over all sessions")
     p.add_argument("--session-timeout", type=_number(0, low_open=True), default=300.0, help="close idle sessions after this many seconds")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="on a CUDA device, run each session's decode steps as a CUDA graph (a fixed-size KV cache "
+                        "of the session's max_length)")
     p.add_argument("--num-threads", type=_positive_int, default=None, help="torch CPU threads")
     p.add_argument("--throughput", type=_number(0, low_open=True), default=None, help="announce this per-block throughput, skip measuring")
     p.add_argument("--throttle", type=float, default=1.0, help=argparse.SUPPRESS)  # testing: run N times slower

@@ -14,7 +14,7 @@ from swarm.client import DistributedModelForCausalLM
 def _steps_from_pushes(log_path):
     """``(steps from pushes, steps sent by the client)`` of each closed session, from a peer's log."""
     with open(log_path) as f:
-        found = re.findall(r"closed after \d+ tokens \((\d+) steps from pushes, (\d+) sent by the client\)", f.read())
+        found = re.findall(r"closed after \d+ tokens in \d+ steps, [\d.]+ ms per step computing \((\d+) steps from pushes, (\d+) sent by the client\)", f.read())
     return [(int(a), int(b)) for a, b in found]
 
 
