@@ -102,6 +102,46 @@ def span_steps(path: str, start: int, end: int, batch: int, prompt: int = 16, st
     return out
 
 
+def _ref_step_logits(ref, seq: torch.Tensor, prompt: int, **cache_kw) -> torch.Tensor:
+    """``transformers``' logits (float32, ``[steps, vocab]``) for each position from ``prompt - 1`` on, the prompt
+    as one prefill and then one token per decode step, teacher-forced along ``seq`` ``[1, n]``."""
+    from transformers import DynamicCache, StaticCache
+
+    n = seq.shape[1]
+    cache = (StaticCache(config=ref.config, max_cache_len=n) if cache_kw.get("static")
+             else DynamicCache(config=ref.config))
+    ids = seq.to(ref.device)
+    out = []
+    with torch.inference_mode():
+        logits = ref(input_ids=ids[:, :prompt], cache=cache, use_cache=True).logits
+        out.append(logits[0, -1].float())
+        for t in range(prompt, n - 1):
+            logits = ref(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True,
+                         position_ids=torch.tensor([[t]], device=ref.device)).logits
+            out.append(logits[0, -1].float())
+    return torch.stack(out).cpu()
+
+
+def _swarm_step_logits(client, seq: torch.Tensor, prompt: int) -> torch.Tensor:
+    """The same as :func:`_ref_step_logits` through the swarm (an inference session: prefill, then decode steps)."""
+    n = seq.shape[1]
+    ids = seq.to(client.device)
+    out = []
+    with torch.inference_mode(), client.inference_session(max_length=n) as session:
+        hidden = session.step(client.embed_tokens(ids[:, :prompt]))
+        out.append(client.lm_head(client.norm(hidden[:, -1:]))[0, -1].float())
+        for t in range(prompt, n - 1):
+            hidden = session.step(client.embed_tokens(ids[:, t:t + 1]))
+            out.append(client.lm_head(client.norm(hidden[:, -1:]))[0, -1].float())
+    return torch.stack(out).cpu()
+
+
+def _compare(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Largest logit difference (relative to the largest logit) and share of positions with the same argmax."""
+    return {"max_rel_diff": float((a - b).abs().max() / b.abs().max()),
+            "argmax_agree": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
+
+
 def _peer_compute(log_dir: str) -> list:
     """Each closed session's "ms per step computing" from the peers' logs, in order."""
     import glob
@@ -162,6 +202,10 @@ def main(argv=None) -> int:
     # the peers' CUDA-graphed decode steps run it: greedy tokens on random weights sit within rounding of each other
     # and flip with the attention kernel
     ref_static_out = ref_gen(p1, 32, cache_implementation="static").cpu()
+    # teacher-forced along that sequence: per-step logits of transformers with its growing cache (the reference)
+    # and with its fixed-size cache (how far a different attention kernel alone moves them)
+    ref_logits = _ref_step_logits(ref, ref_out, p1.shape[1])
+    ref_static_logits = _ref_step_logits(ref, ref_out, p1.shape[1], static=True)
     print("transformers:", local, flush=True)
     del ref
     gc.collect()
@@ -208,12 +252,15 @@ def main(argv=None) -> int:
                         best = min(best, (time.perf_counter() - t0, step_time[0]))
                     dist[key], dist[key.replace("_s", "_in_swarm_steps_s")] = best
                 swarm_out = swarm_gen(p1, 32).cpu()
+                logits = _swarm_step_logits(client, ref_out, p1.shape[1])
             ready = swarm.ready_seconds
             logs = swarm.log_dir
         compute = _peer_compute(logs)
         print(f"[{name}] swarm:", dist, flush=True)
         print(f"[{name}] peers' sessions (log, steps, ms per step computing):", compute, flush=True)
-        runs[name] = dict(dist=dist, out=swarm_out, ready=ready, peer_sessions=compute)
+        runs[name] = dict(dist=dist, out=swarm_out, ready=ready, peer_sessions=compute,
+                          logits=_compare(logits, ref_logits))
+        print(f"[{name}] teacher-forced logits vs transformers: {runs[name]['logits']}", flush=True)
     InferenceSession.step = plain_step
     dist, swarm_out, ready = runs["graphs"]["dist"], runs["graphs"]["out"], runs["graphs"]["ready"]
     rows = {
@@ -237,11 +284,16 @@ def main(argv=None) -> int:
     for name, r in runs.items():
         if name != "graphs":
             print(f"[{name}] 32 greedy tokens equal to transformers: {bool(torch.equal(ref_out, r['out']))}")
+    static_vs_ref = _compare(ref_static_logits, ref_logits)
+    print(f"teacher-forced logits over 32 steps vs transformers (growing cache): swarm {runs['graphs']['logits']}; "
+          f"transformers' own static cache {static_vs_ref}")
     result = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "torch": torch.__version__, "rows": {k: {"transformers": a, "swarm": b, "ratio": b / a}
                                                    for k, (a, b) in rows.items()},
               "swarm_ready_s": ready, "greedy_equal": same, "greedy_agreement": agree,
-              "greedy_equal_static_cache": same_static, "span_decode_ms": spans,
+              "greedy_equal_static_cache": same_static,
+              "teacher_forced_logits": {**{k: r["logits"] for k, r in runs.items()},
+                                        "transformers static cache": static_vs_ref}, "span_decode_ms": spans,
               "raw": {"transformers": local, **{f"swarm ({k})": r["dist"] for k, r in runs.items()}},
               "peer_sessions": {k: r["peer_sessions"] for k, r in runs.items()}}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
