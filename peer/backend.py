@@ -87,11 +87,11 @@ class SpanBackend:
         return 2 * kv_heads * head_dim * torch.tensor([], dtype=self.dtype).element_size()
 
     def graphs_supported(self) -> bool:
-        """Whether sessions on this span can use :class:`GraphCache`: a CUDA device, graphs not turned off, and only
-        full-attention layers (sliding-window and linear-attention caches are not static here)."""
+        """Whether sessions on this span can use :class:`GraphCache`: a CUDA device, graphs not turned off, SDPA
+        attention, and only full-attention layers (sliding-window and linear-attention caches are not static here)."""
         types = getattr(self.span_config, "layer_types", None) or ["full_attention"]
         return (self.device.type == "cuda" and self.use_graphs and all(t == "full_attention" for t in types)
-                and getattr(self.config, "_attn_implementation", "sdpa") in ("sdpa", "eager"))
+                and getattr(self.config, "_attn_implementation", "sdpa") == "sdpa")
 
     def new_cache(self, batch_size: int = 1, max_length: Optional[int] = None):
         """An empty KV cache for one inference session over this span.
@@ -194,7 +194,9 @@ class GraphCache(StaticCache):
                              f"{self.max_length} slots holding {self.used}")
         new = attention_mask[:, -q:].bool() if attention_mask is not None else True
         self.valid[:, self.used:self.used + q] = new
-        mask = self._mask(q)
+        # a first chunk without padding is plainly causal: no mask lets SDPA run it as transformers does (is_causal,
+        # keys cut to the chunk), so the cache holds the same values as the growing cache's
+        mask = None if (q > 1 and self.used == 0 and attention_mask is None) else self._mask(q)
         cos, sin = self.backend.rotary_emb(hidden, position_ids=position_ids)
         if q > 1 or not self.capture or not all(self.layers[i].is_initialized for i in range(first, last)):
             out = self._run(hidden, first, last, mask, cos, sin, position_ids)  # prefill, or a first step of 1

@@ -42,6 +42,11 @@ def test_static_slots_equal_growing_cache(model_dir, name):
     real = mask.bool()
     assert torch.allclose(out[real], ref[real], atol=1e-5, rtol=1e-4)
     assert cache.used == n
+    # without padding: the first chunk runs plainly causal
+    full = torch.ones(b, n, dtype=torch.long)
+    ref = _run_session(backend, backend.new_cache(), hidden, full, chunks)
+    out = _run_session(backend, GraphCache(backend, b, 16), hidden, full, chunks)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
     # a sub-range of the span, as a session opened on part of it runs
     ref = _run_session(backend, backend.new_cache(), hidden, mask, chunks, start=2, end=ckpt.num_blocks - 1)
     out = _run_session(backend, GraphCache(backend, b, n), hidden, mask, chunks, start=2, end=ckpt.num_blocks - 1)
