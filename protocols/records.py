@@ -9,6 +9,11 @@ msgpack-encoded record, ``public_key`` the raw 32-byte Ed25519 key, and ``signat
 ``body``. A reader accepts a record only if the signature verifies, the key's libp2p peer id equals both the
 record's ``peer_id`` and the DHT sub-key, and every field passes :meth:`PeerRecord.from_dict` validation.
 Anything else is ignored (and logged at debug level), never trusted.
+
+So that a client of a model nobody serves can say what the swarm does serve, every joining or online peer also
+stores its signed record under the swarm-wide key :data:`MODELS_KEY` with its model id as the sub-key (peers of one
+model overwrite each other's entry; it expires ``ttl`` seconds after the model's last peer stopped refreshing it).
+:func:`parse_model_index` verifies these entries the same way; a reader counts a model's peers under its own key.
 """
 
 from __future__ import annotations
@@ -44,6 +49,10 @@ class RecordError(ValueError):
 def model_key(model_uid: str) -> str:
     """The DHT key under which all peers serving ``model_uid`` store their records."""
     return f"{model_uid}.peers"
+
+
+# the swarm-wide index of served models: sub-key model id -> the signed record of one of its peers
+MODELS_KEY = "swarm.models"
 
 
 def _finite_nonneg(name: str, value: Any, cap: float) -> float:
@@ -216,3 +225,19 @@ def parse_records(entries: Dict[Any, Any], now: Optional[float] = None) -> List[
 
 def now() -> float:
     return time.time()
+
+
+def parse_model_index(entries: Dict[Any, Any]) -> Dict[str, PeerRecord]:
+    """Verify the ``{model_uid: signed record}`` entries stored under :data:`MODELS_KEY`; keep those whose record
+    is signed correctly and names the model of its sub-key. Returns ``{model_uid: record}``."""
+    out = {}
+    for subkey, value in (entries or {}).items():
+        raw = getattr(value, "value", value)
+        try:
+            record = verify_record(raw)
+        except RecordError as e:
+            logger.debug("ignoring model-index entry %r: %s", subkey, e)
+            continue
+        if record.model == subkey:
+            out[record.model] = record
+    return out

@@ -32,7 +32,7 @@ from protocols import PROTOCOL_VERSION
 from protocols.codec import decode_tensor, encode_tensor
 from protocols.messages import RPC_FORWARD, RPC_INFERENCE, pack, unpack
 from protocols.model_spec import Checkpoint, build_meta_model, resolve_dtype
-from protocols.records import PeerRecord, model_key, parse_records
+from protocols.records import MODELS_KEY, PeerRecord, model_key, parse_model_index, parse_records
 from protocols.transport import create_dht_node, create_p2p, ensure_connected, ping, start_reaper
 
 logger = logging.getLogger("swarm.client")
@@ -85,6 +85,25 @@ class _Network:
             r for r in parse_records(found.value)
             if r.model == model_uid and r.version == PROTOCOL_VERSION
         ]
+
+    async def has_any_record(self, model_uid: str) -> bool:
+        """Whether the DHT holds any verified record of ``model_uid`` (any state or protocol version)."""
+        found = await self.dht.get(model_key(model_uid), latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return False
+        return any(r.model == model_uid for r in parse_records(found.value))
+
+    async def served_models(self, limit: int = 16) -> Dict[str, int]:
+        """The models the swarm's index lists (:data:`MODELS_KEY`), at most ``limit``, each with its number of
+        online peers."""
+        found = await self.dht.get(MODELS_KEY, latest=True)
+        entries = found.value if found is not None and isinstance(found.value, dict) else {}
+        uids = sorted(parse_model_index(entries))[:limit]
+
+        async def online(uid):
+            return sum(r.state == "online" for r in await self.records(uid))
+
+        return dict(zip(uids, await asyncio.gather(*(online(u) for u in uids))))
 
     async def connect(self, record: PeerRecord) -> None:
         """Connect to a peer at the addresses of its latest record (they change when it restarts)."""
@@ -301,13 +320,20 @@ class InferenceSession:
         interactive use; ``"throughput"``: a chain drawn from the max-flow chains of the peers with KV-cache room, in
         proportion to their flow (:class:`FlowRouter` over announced ``decode_sps``), for many independent
         sessions. Either way a failed hop is replaced by the lowest-latency chain over its blocks.
-    :raises ValueError: an unknown ``routing``
+    :raises ValueError: an unknown ``routing``, a ``max_length`` or ``batch_size`` that is not a whole number of
+        at least 1, or a ``max_length`` over the model's ``max_position_embeddings``
     """
 
     def __init__(self, model: "DistributedModelForCausalLM", max_length: int, batch_size: int = 1,
                  routing: str = "latency"):
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+        _check_count("max_length", max_length)
+        _check_count("batch_size", batch_size)
+        limit = model.max_positions
+        if limit is not None and max_length > limit:
+            raise ValueError(f"max_length {max_length} is over the model's limit of {limit} tokens "
+                             "(max_position_embeddings)")
         self.model, self.max_length, self.batch_size = model, max_length, batch_size
         self.routing = routing
         self.session_id = uuid.uuid4().hex
@@ -332,9 +358,11 @@ class InferenceSession:
         """Open streams along the best chain of live, unbanned peers for blocks ``[start, end)``; wait for
         peers (up to ``deadline``) while some block has none."""
         model, net = self.model, self.model.net
-        delay = 0.2
+        delay, started = 0.2, time.monotonic()
         while True:
-            records = {r.peer_id: r for r in await net.records(model.model_uid) if r.state == "online"}
+            found = await net.records(model.model_uid)
+            model.seen_records = model.seen_records or bool(found)
+            records = {r.peer_id: r for r in found if r.state == "online"}
             model._unban_restarted(records.values())
             candidates = [r for r in records.values() if r.peer_id not in model._banned_ids()
                           and r.end > start and r.start < end]
@@ -368,8 +396,14 @@ class InferenceSession:
                     _link_for_push(hops)
                 return hops
             except (NoRouteError, _PeerFailed) as e:
+                if isinstance(e, NoRouteError):
+                    await model._check_model_served(started)
                 if time.monotonic() + delay > deadline:
                     if isinstance(e, NoRouteError):
+                        if not model.seen_records:
+                            unserved = await model._unserved_model_error(waited=model.retry_timeout)
+                            if unserved is not None:
+                                raise unserved from e
                         try:  # served, but without room for this session's KV cache?
                             find_chain(spans, start, end, banned=model._banned_ids())
                             raise SwarmError(
@@ -497,12 +531,21 @@ class DistributedModelForCausalLM:
     """A causal LM whose blocks live in the swarm; ``generate`` works like ``transformers``' ``generate``.
 
     Use :meth:`from_pretrained`. Only the embeddings, final norm and LM head are loaded here.
+
+    A request waits up to ``retry_timeout`` seconds for peers of missing blocks, then raises :class:`SwarmError`
+    naming them. If the DHT has no record at all of this model while it lists other models (the swarm serves
+    something else: another checkpoint, or the same one under another folder name), and this client never saw
+    one, it raises after ``unknown_model_timeout`` seconds instead: "no peer serves model X; the swarm serves:
+    Y (N peers online)".
     """
 
     def __init__(self, checkpoint: Checkpoint, initial_peers: Sequence[str], *, dtype: str = "auto",
                  device: str = "cpu", retry_timeout: float = 60.0, min_step_timeout: float = 3.0, step_timeout_factor: float = 20.0,
-                 ban_seconds: float = 30.0, push: bool = True):
+                 ban_seconds: float = 30.0, push: bool = True, unknown_model_timeout: float = 3.0):
         self.checkpoint = checkpoint
+        # a model the DHT has no record of while it lists other models is not coming: fail after this many seconds
+        self.unknown_model_timeout = unknown_model_timeout
+        self.seen_records = False  # some lookup found a record of this model
         self.push = push  # peers of a chain send their outputs straight to the next peer (see _link_for_push)
         self.config = checkpoint.config
         self.model_uid = checkpoint.model_uid
@@ -563,6 +606,42 @@ class DistributedModelForCausalLM:
             if ban is not None and r.timestamp > ban[0] + 0.5:
                 del self._bans[r.peer_id]
 
+    async def _unserved_model_error(self, waited: Optional[float] = None) -> Optional[SwarmError]:
+        """If the DHT holds no record at all of this model, an error that names the models the swarm does serve
+        (with ``waited``, the seconds spent waiting, also when it serves none); else None.
+
+        Without ``waited`` the error is only returned if other models are served: then no peer of this model has
+        even joined (a joining peer announces itself before loading its blocks), so waiting would not help.
+        """
+        if await self.net.has_any_record(self.model_uid):
+            return None
+        served = await self.net.served_models()
+        served.pop(self.model_uid, None)
+        if not served and waited is None:
+            return None
+        name = self.checkpoint.name
+        what = f"model {self.model_uid}" + (f" ({name})" if name != self.model_uid else "")
+        if not served:
+            return SwarmError(f"no peer serves {what}, and the swarm serves no model yet (waited {waited:.0f}s)")
+        listed = ", ".join(f"{uid} ({n} peer{'s' if n != 1 else ''} online)" for uid, n in served.items())
+        text = f"no peer serves {what}; the swarm serves: {listed}"
+        digest = self.model_uid.rsplit("-", 1)[-1]
+        same = [uid for uid in served if uid.rsplit("-", 1)[-1] == digest]
+        if same:  # the same config under another name: a model id is the checkpoint folder's name + a config hash
+            text += (f". {same[0]} has the same config: a model's id is its checkpoint folder's name plus a hash of "
+                     f"its config, so load the checkpoint from a folder named as the peers' one")
+        return SwarmError(text)
+
+    async def _check_model_served(self, started: float) -> None:
+        """Raise :meth:`_unserved_model_error`'s error once ``unknown_model_timeout`` seconds have passed since
+        ``started`` (monotonic), if this client has never seen a record of its model (a client that has, e.g. one
+        whose peers all restart, waits up to ``retry_timeout`` as usual)."""
+        if self.seen_records or time.monotonic() - started < self.unknown_model_timeout:
+            return
+        error = await self._unserved_model_error()
+        if error is not None:
+            raise error
+
     @classmethod
     def _start_reaper(cls):
         if DistributedModelForCausalLM._reaper is None:
@@ -590,12 +669,16 @@ class DistributedModelForCausalLM:
         """Open a session that can hold ``max_length`` tokens per sequence (see :class:`InferenceSession`;
         ``routing`` is ``"latency"`` or ``"throughput"``).
 
-        :raises ValueError: ``max_length`` over the model's limit, or an unknown ``routing``
+        :raises ValueError: ``max_length`` or ``batch_size`` below 1 (or not a whole number), ``max_length`` over the
+            model's ``max_position_embeddings``, or an unknown ``routing``
         """
-        limit = int(getattr(self.config, "max_position_embeddings", max_length))
-        if max_length > limit:
-            raise ValueError(f"max_length {max_length} is over the model's limit of {limit} tokens")
         return InferenceSession(self, max_length, batch_size, routing=routing)
+
+    @property
+    def max_positions(self) -> Optional[int]:
+        """The most tokens a sequence may hold (the config's ``max_position_embeddings``), or None if unset."""
+        limit = getattr(self.config, "max_position_embeddings", None)
+        return int(limit) if limit else None
 
     def _flow_chain(self, figure: str, spans: Sequence[ServerSpan], banned=()) -> List[Hop]:
         """The next chain of the :class:`FlowRouter` over ``spans`` (live, unbanned peers whose ``decode_sps``
@@ -638,9 +721,20 @@ class DistributedModelForCausalLM:
         :param input_ids: ``[batch, tokens]``
         :param attention_mask: ``[batch, tokens]``, 0 for left padding
         :returns: ``[batch, tokens, vocab_size]`` float32 logits
+        :raises ValueError: ``input_ids`` not ``[batch >= 1, tokens >= 1]``, longer than the model's
+            ``max_position_embeddings``, or an ``attention_mask`` of another shape
         :raises SwarmError: if no chain serves the call before ``retry_timeout`` seconds, or every peer able to
             serve it refused the request
         """
+        if input_ids.ndim != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must be [batch >= 1, tokens >= 1], got shape {list(input_ids.shape)}")
+        limit = self.max_positions
+        if limit is not None and input_ids.shape[1] > limit:
+            raise ValueError(f"{input_ids.shape[1]} tokens are over the model's limit of {limit} tokens "
+                             "(max_position_embeddings)")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"attention_mask of shape {list(attention_mask.shape)} does not match input_ids of shape "
+                             f"{list(input_ids.shape)}")
         hidden = self.embed_tokens(input_ids.to(self.device)).cpu()
         mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.long().cpu()
         hidden = self.net.run(self._forward(hidden, mask), timeout=self.retry_timeout + self.step_timeout * 4)
@@ -652,9 +746,11 @@ class DistributedModelForCausalLM:
         reached = {0: hidden}  # block boundary -> hidden states after the blocks before it
         made_by: Dict[int, Hop] = {}  # block boundary -> the hop that computed reached[boundary]
         skip: set = set()  # peers that refused this call's request (not banned)
-        delay, last_error = 0.2, None
+        delay, last_error, started = 0.2, None, time.monotonic()
         while True:
-            records = {r.peer_id: r for r in await self.net.records(self.model_uid) if r.state == "online"}
+            found = await self.net.records(self.model_uid)
+            self.seen_records = self.seen_records or bool(found)
+            records = {r.peer_id: r for r in found if r.state == "online"}
             self._unban_restarted(records.values())
             banned = self._banned_ids()
             spans = [ServerSpan(r.peer_id, r.start, r.end, r.forward_tps) for r in records.values()
@@ -664,7 +760,11 @@ class DistributedModelForCausalLM:
             except NoRouteError as e:
                 if skip:  # the request itself was refused: waiting would not help
                     raise SwarmError(f"forward: no chain avoids the peers that refused the request ({last_error})") from e
+                await self._check_model_served(started)
                 if time.monotonic() + delay > deadline:
+                    unserved = None if self.seen_records else await self._unserved_model_error(waited=self.retry_timeout)
+                    if unserved is not None:
+                        raise unserved from e
                     raise SwarmError(f"forward: {last_error or e} (waited {self.retry_timeout:.0f}s for a peer)") from e
                 self.stats["chain_retries"] += 1
                 await asyncio.sleep(delay)
@@ -754,10 +854,12 @@ class DistributedModelForCausalLM:
             (see :class:`InferenceSession`); ignored when ``session`` is given
         :returns: ``[batch, prompt_tokens + generated]`` token ids (fewer than ``max_new_tokens`` if every
             sequence reached an end-of-sequence token; finished sequences are filled with ``pad_token_id``)
-        :raises ValueError: if the prompt plus ``max_new_tokens`` is longer than the session's max_length, or an
-            unknown ``routing``
+        :raises ValueError: if ``max_new_tokens`` is below 1, the prompt plus ``max_new_tokens`` is longer than the
+            session's max_length (or, for a new session, the model's ``max_position_embeddings``), or an unknown
+            ``routing``
         :raises SwarmError: if the swarm cannot serve the request
         """
+        _check_count("max_new_tokens", max_new_tokens)
         pending = session.last_tokens if session is not None else None
         if input_ids is None:
             if pending is None:
@@ -826,6 +928,18 @@ class DistributedModelForCausalLM:
             if own_session:
                 session.close()
         return sequences
+
+
+def _check_count(name: str, value: Any) -> None:
+    """:raises ValueError: unless ``value`` is a whole number of at least 1."""
+    import operator
+
+    try:
+        ok = not isinstance(value, bool) and operator.index(value) >= 1
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
 
 
 def _logits_processors(do_sample, temperature, top_k, top_p, repetition_penalty) -> Optional[Callable]:

@@ -137,3 +137,26 @@ def test_peer_refuses_more_tokens_than_declared(setup):
         session.step(hidden)
         with pytest.raises(SwarmError, match="max_length of 6"):
             client.net.run(session._step(client.embed_tokens(torch.tensor([[5, 6, 7]])), None), timeout=30)
+
+
+def test_bad_lengths_are_clear_value_errors(setup):
+    """Found by a user test: ``inference_session(max_length=0)`` was accepted, and a forward pass longer than the
+    model's max_position_embeddings went to the peers."""
+    path, swarm, client = setup
+    limit = client.config.max_position_embeddings
+    for kwargs, text in (({"max_length": 0}, "max_length must be"), ({"max_length": -3}, "max_length must be"),
+                         ({"max_length": 2.5}, "max_length must be"), ({"max_length": limit + 1}, "limit"),
+                         ({"max_length": 8, "batch_size": 0}, "batch_size must be")):
+        with pytest.raises(ValueError, match=text):
+            client.inference_session(**kwargs)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        client(torch.zeros(1, limit + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="tokens >= 1"):
+        client(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask"):
+        client(torch.ones(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_new_tokens must be"):
+        client.generate(torch.tensor([[1, 2]]), max_new_tokens=0)
+    with pytest.raises(ValueError, match="limit"):
+        client.generate(torch.tensor([[1, 2]]), max_new_tokens=limit)
+    assert client(torch.tensor([[1, 2, 3]])).shape[:2] == (1, 3)  # the client still works

@@ -81,3 +81,16 @@ def test_cannot_sign_someone_elses_record():
     a, b = Identity.generate(), Identity.generate()
     with pytest.raises(ValueError):
         sign_record(_record(a), b)
+
+
+def test_model_index_keeps_only_verified_entries_of_their_own_model():
+    """The swarm-wide index of served models (MODELS_KEY): sub-key model id -> a peer's signed record."""
+    from protocols.records import parse_model_index
+
+    a, b = Identity.generate(), Identity.generate()
+    good = sign_record(_record(a, model="m-123"), a)
+    wrong_model = sign_record(_record(b, model="m-456"), b)  # stored under another model's sub-key
+    env = msgpack.unpackb(sign_record(_record(b, model="m-789"), b))
+    env["s"] = bytes(64)
+    index = parse_model_index({"m-123": good, "m-999": wrong_model, "m-789": msgpack.packb(env), "x": b"junk"})
+    assert list(index) == ["m-123"] and index["m-123"].peer_id == a.peer_id.to_base58()
