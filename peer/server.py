@@ -31,8 +31,8 @@ from protocols.messages import (
     get_str, pack, unpack,
 )
 from protocols.model_spec import Checkpoint, resolve_dtype
-from protocols.records import PeerRecord, model_key, parse_records, sign_record
-from protocols.transport import create_dht_node, create_p2p, ensure_connected, measure_link
+from protocols.records import MODELS_KEY, PeerRecord, model_key, parse_records, sign_record
+from protocols.transport import create_dht_node, create_p2p, daemon_alive, ensure_connected, measure_link
 
 from peer.backend import SpanBackend, positions_for
 from peer.throughput import measure_throughput
@@ -414,10 +414,19 @@ class Peer:
         return max(self.opts.max_cache_tokens * n - self.reserved_tokens, 0) // n
 
     async def announce(self) -> bool:
+        """Store this peer's signed record under its model's key (and, unless offline, in the swarm's index of
+        served models, :data:`protocols.records.MODELS_KEY`). Returns whether the model's record was stored."""
         value = sign_record(self.record(), self.identity)
-        return await self.dht.store(
-            model_key(self.model_uid), value, get_dht_time() + self.opts.record_ttl, subkey=self.peer_id.to_base58()
-        )
+        expiration = get_dht_time() + self.opts.record_ttl
+        stores = [self.dht.store(model_key(self.model_uid), value, expiration, subkey=self.peer_id.to_base58())]
+        if self.state != "offline":
+            stores.append(self.dht.store(MODELS_KEY, value, expiration, subkey=self.model_uid))
+        stored, *index = await asyncio.gather(*stores, return_exceptions=True)
+        if isinstance(stored, BaseException):
+            raise stored
+        if index and isinstance(index[0], Exception):
+            logger.debug("could not store the model-index entry: %s", index[0])
+        return bool(stored)
 
     async def _announce_loop(self) -> None:
         while True:
@@ -438,9 +447,13 @@ class Peer:
         self.leaving.set()
         for t in self._tasks:
             t.cancel()
-        # every step is bounded: if the libp2p daemon is already gone (a signal to the whole process group),
-        # calls into it would wait forever
-        if self.dht is not None:
+        # p2pd runs in its own session (protocols.transport.create_p2p), so a signal to this process's group leaves it
+        # running; if it died anyway (killed on its own), calls into it would only time out: skip them
+        alive = daemon_alive(self.p2p)
+        if not alive:
+            logger.warning("the libp2p daemon is already gone: leaving without announcing offline "
+                           "(the record expires within %.0fs)", self.opts.record_ttl)
+        elif self.dht is not None:  # every step is still bounded
             try:
                 await asyncio.wait_for(self.announce(), timeout=5)
             except Exception as e:

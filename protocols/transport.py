@@ -1,12 +1,18 @@
 """Bringing up the network engine: a libp2p daemon (hivemind ``P2P``) and a Kademlia DHT node on it.
 
 Both run in the caller's asyncio event loop; the only child process is hivemind's libp2p daemon (p2pd).
-:func:`start_reaper` starts a watchdog that kills such children if their parent is SIGKILLed, since a
-killed parent cannot clean up after itself (hivemind leaves p2pd running in that case).
+:func:`create_p2p` starts p2pd in its own session, so a signal to the caller's whole process group (Ctrl-C in a
+terminal, ``kill -TERM -PGID``, ``timeout``) reaches only the caller, which then still has a working daemon to
+leave the swarm through, and stops the daemon itself. :func:`start_reaper` starts a watchdog (also in its own
+session) that kills such children if their parent dies without stopping them (SIGKILL), since a killed parent
+cannot clean up after itself (hivemind leaves p2pd running in that case).
 """
 
 from __future__ import annotations
 
+import asyncio
+import asyncio.subprocess
+import contextvars
 import logging
 import os
 import subprocess
@@ -22,6 +28,69 @@ logger = logging.getLogger(__name__)
 # Never ask a gateway for port mappings, never use relays or the public IPFS DHT: a swarm reaches its peers
 # directly. (hivemind's defaults would contact the local network's gateway.)
 LOCAL_ONLY = dict(nat_port_map=False, auto_nat=False, use_relay=False, use_auto_relay=False, use_ipfs=False)
+
+
+# Set while create_p2p starts a daemon: hivemind's P2P.create spawns p2pd with asyncio's create_subprocess_exec and
+# has no option for the child's session, so a wrapper of that function adds start_new_session=True for p2pd alone.
+_P2PD_OWN_SESSION: contextvars.ContextVar = contextvars.ContextVar("p2pd_own_session", default=False)
+
+
+_SPAWNED_DAEMONS: list = []  # p2pd processes started by create_p2p in this process
+
+
+def _install_p2pd_session_hook() -> None:
+    original = asyncio.subprocess.create_subprocess_exec
+    if getattr(original, "_swarm_p2pd_hook", False):
+        return
+
+    async def create_subprocess_exec(program, *args, **kwargs):
+        ours = _P2PD_OWN_SESSION.get() and os.path.basename(str(program)) == "p2pd"
+        if ours:
+            kwargs.setdefault("start_new_session", True)
+        proc = await original(program, *args, **kwargs)
+        if ours:
+            _SPAWNED_DAEMONS.append(proc.pid)
+        return proc
+
+    create_subprocess_exec._swarm_p2pd_hook = True
+    asyncio.subprocess.create_subprocess_exec = create_subprocess_exec
+    import atexit
+
+    atexit.register(_stop_leftover_daemons)
+
+
+def _stop_leftover_daemons() -> None:
+    """At interpreter exit, stop any p2pd this process started and did not shut down (e.g. Ctrl-C while a client
+    was still connecting): in its own session it no longer gets the terminal's signal. (A SIGKILLed process runs
+    no exit handler; its reaper does this.)"""
+    import signal
+
+    import psutil
+
+    for pid in _SPAWNED_DAEMONS:
+        try:
+            proc = psutil.Process(pid)
+            if proc.ppid() == os.getpid() and proc.status() != psutil.STATUS_ZOMBIE:
+                proc.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+
+
+def daemon_alive(p2p: Optional[P2P]) -> bool:
+    """Whether ``p2p``'s libp2p daemon process still runs (True for a daemon this process did not start)."""
+    if p2p is None:
+        return False
+    child = getattr(p2p, "_child", None)
+    if child is None:
+        return True
+    if child.returncode is not None:
+        return False
+    try:
+        import psutil
+
+        return psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE
+    except Exception:  # psutil.NoSuchProcess: gone and reaped
+        return False
 
 
 class PortInUseError(OSError):
@@ -68,7 +137,7 @@ async def create_p2p(
     identity_path: Optional[str] = None,
     client_mode: bool = False,
 ) -> P2P:
-    """Start a libp2p daemon.
+    """Start a libp2p daemon, in its own session (see the module's docstring).
 
     :param host_maddrs: multiaddrs to listen on (``/ip4/0.0.0.0/tcp/31337`` to accept outside connections)
     :param identity_path: an Ed25519 key in libp2p format (see :mod:`protocols.identity`); fixes the peer id
@@ -77,6 +146,8 @@ async def create_p2p(
     """
     if not client_mode:
         check_ports_free(host_maddrs)
+    _install_p2pd_session_hook()
+    token = _P2PD_OWN_SESSION.set(True)
     try:
         return await P2P.create(
             initial_peers=list(initial_peers),
@@ -94,6 +165,8 @@ async def create_p2p(
             ports = ", ".join(str(_port_of(m)) for m in host_maddrs)
             raise PortInUseError(f"port {ports} is already in use: {text}") from e
         raise
+    finally:
+        _P2PD_OWN_SESSION.reset(token)
 
 
 async def create_dht_node(p2p: P2P, initial_peers: Sequence[str] = (), client_mode: bool = False) -> DHTNode:
@@ -159,6 +232,8 @@ for pid, created in seen.items():
 def start_reaper() -> subprocess.Popen:
     """Start a watchdog process that SIGKILLs this process's descendants once this process is gone.
 
+    It runs in its own session, so a signal to this process's group (Ctrl-C, ``kill -TERM -PGID``) does not end it
+    before this process has stopped its children (p2pd runs in a session of its own too, see :func:`create_p2p`).
     On Linux the kernel signals it the moment its parent dies (``PR_SET_PDEATHSIG``), so a SIGKILLed peer's
     libp2p daemon dies within milliseconds and its connections reset; elsewhere it notices within 0.5 s.
     It learns the descendants by polling twice a second, so children must live at least that long to be seen.
@@ -169,6 +244,7 @@ def start_reaper() -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         close_fds=True,
+        start_new_session=True,
     )
 
 

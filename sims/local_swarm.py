@@ -254,9 +254,23 @@ class LocalSwarm:
         self.stop()
 
 
+def _exit_text(code: Optional[int]) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"code {code} (killed by {signal.Signals(-code).name})"
+        except ValueError:
+            pass
+    return f"code {code}"
+
+
 def run_sim_up(model: str, num_peers: int, blocks_per_peer: Optional[int] = None, host: str = "127.0.0.1",
                extra_peer_args: Sequence[str] = ()) -> int:
-    """``swarm sim up``: start a local swarm, print its address, run until Ctrl-C or SIGTERM."""
+    """``swarm sim up``: start a local swarm, print its address, run until Ctrl-C or SIGTERM.
+
+    A process that exits meanwhile (a crash, or a peer stopped on purpose to watch the swarm recover) is reported
+    in one line and the rest keep running; the simulation ends by itself only when every process has exited
+    (exit code 1). Ctrl-C, SIGTERM or SIGHUP stop every process (exit code 0).
+    """
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
@@ -270,11 +284,20 @@ def run_sim_up(model: str, num_peers: int, blocks_per_peer: Optional[int] = None
         print("initial peers: " + " ".join(swarm.initial_peers), flush=True)
         print(json.dumps({"initial_peers": swarm.initial_peers, "ready_seconds": swarm.ready_seconds}), flush=True)
         print("press Ctrl-C to stop", flush=True)
+        reported = set()
         while not stop.wait(0.5):
-            dead = [p.name for p in swarm.peers if not p.alive()]
-            if dead:
-                print(f"warning: {', '.join(dead)} exited; see {swarm.log_dir}", flush=True)
-                break
+            children = [("bootstrap node", swarm.dht)] + [(f"peer {i}", p) for i, p in enumerate(swarm.peers)]
+            for name, child in children:
+                if child is not None and child.name not in reported and not child.alive():
+                    reported.add(child.name)
+                    running = sum(p.alive() for p in swarm.peers)
+                    rest = ("clients can no longer join through its address" if child is swarm.dht
+                            else f"{running} of {len(swarm.peers)} peers keep running")
+                    print(f"warning: {name} exited with {_exit_text(child.proc.returncode)}; {rest} "
+                          f"(log: {child.log_path})", flush=True)
+            if len(reported) == len(children):
+                print("every process of the swarm has exited", flush=True)
+                return 1
     finally:
         print("stopping the swarm", flush=True)
         swarm.stop()

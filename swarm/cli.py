@@ -232,22 +232,27 @@ def _generate(args) -> int:
     prompt_len = enc["input_ids"].shape[1]
     new = out[:, prompt_len:]
     if args.json:
-        items = []
-        for i, p in enumerate(prompts):
-            ids = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
-            items.append({
-                "prompt": p, "prompt_ids": ids, "new_ids": new[i].tolist(),
-                "text": tokenizer.decode(new[i], skip_special_tokens=True),
-            })
-        result = items[0] if len(items) == 1 else {"results": items}
-        result.update({"seconds": round(elapsed, 4), "tokens_per_s": round(new.numel() / elapsed, 2)})
-        print(json.dumps(result))
+        print(json.dumps(_json_result(prompts, enc, new, tokenizer, elapsed)))
     elif streamer is None:
         for i in range(len(prompts)):
             print(tokenizer.decode(out[i], skip_special_tokens=True))
     else:
         print(f"\n[{new.numel()} tokens in {elapsed:.2f}s, {new.numel() / elapsed:.1f} tokens/s]", file=sys.stderr)
     return 0
+
+
+def _json_result(prompts, enc, new, tokenizer, elapsed: float) -> dict:
+    """``swarm generate --json``'s output, one shape for any number of prompts:
+    ``{"results": [{"prompt", "prompt_ids", "new_ids", "text"}, ...], "seconds", "tokens_per_s"}`` with one result
+    per ``--prompt`` in order (``prompt_ids`` without padding; ``new_ids`` may end in padding after an
+    end-of-sequence token; ``text`` is the new tokens' text)."""
+    results = []
+    for i, p in enumerate(prompts):
+        results.append({
+            "prompt": p, "prompt_ids": enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist(),
+            "new_ids": new[i].tolist(), "text": tokenizer.decode(new[i], skip_special_tokens=True),
+        })
+    return {"results": results, "seconds": round(elapsed, 4), "tokens_per_s": round(new.numel() / elapsed, 2)}
 
 
 # ------------------------------------------------------------------------------------------------ sim
@@ -338,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=_number(0, 1, low_open=True, high_closed=True), default=None, help="sample from the smallest set of this probability")
     p.add_argument("--repetition-penalty", type=float, default=None, help="penalize tokens already generated")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler")
-    p.add_argument("--json", action="store_true", help="print one JSON object with token ids and text")
+    p.add_argument("--json", action="store_true",
+                   help='print one JSON object: {"results": [{"prompt", "prompt_ids", "new_ids", "text"}, ...] (one '
+                        'per --prompt), "seconds", "tokens_per_s"}')
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("sim", help="local multi-peer swarms on this machine")

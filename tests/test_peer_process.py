@@ -212,24 +212,168 @@ def test_idle_session_times_out_and_frees_its_cache(mha_model):
             session.close()
 
 
-def test_sigterm_to_the_whole_process_group_exits(mha_model):
-    """`timeout`, `kill -- -PGID` and service managers signal the libp2p daemon too; the peer must still exit."""
-    proc = subprocess.Popen(_swarm_cmd("peer", "--model", mha_model, "--new-swarm", "--blocks", "0:4"),
+def _start_peer_in_own_group(swarm, mha_model):
+    proc = subprocess.Popen(_swarm_cmd("peer", "--model", mha_model, "--initial-peers", *swarm.initial_peers,
+                                       "--blocks", "0:4", "--num-threads", "1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("PEER_READY"):
+            return proc, line.split()[1]
+    raise AssertionError(f"the peer exited with code {proc.wait()}")
+
+
+def test_sigterm_to_the_whole_process_group_exits(swarm, mha_model):
+    """`timeout`, `kill -- -PGID`, a terminal's Ctrl-C and service managers signal the whole process group. Found
+    by a user test: the libp2p daemon died with the peer's signal, so the peer could not announce itself offline,
+    took ~11.5 s to exit and printed two tracebacks. The daemon now runs in its own session."""
+    proc, peer_id = _start_peer_in_own_group(swarm, mha_model)
     try:
-        for line in proc.stdout:
-            if line.startswith("PEER_READY"):
-                break
         children = psutil.Process(proc.pid).children(recursive=True)
+        assert any(c.name() == "p2pd" for c in children)
+        t0 = time.time()
         os.killpg(proc.pid, signal.SIGTERM)
-        assert proc.wait(20) == 0
+        out, _ = proc.communicate(timeout=30)
+        elapsed = time.time() - t0
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out[-2000:]
+    assert elapsed < 5, (elapsed, out[-2000:])
+    assert "Traceback" not in out and "could not announce" not in out and "cleanly" not in out, out[-2000:]
     deadline = time.time() + 5
     while _alive(children) and time.time() < deadline:
         time.sleep(0.2)
     assert not _alive(children)
+    with DistributedModelForCausalLM.from_pretrained(mha_model, initial_peers=swarm.initial_peers) as client:
+        states = {r.peer_id: r.state for r in client.peers()}
+    assert states.get(peer_id) == "offline", states  # it told the swarm it left (its record lives 10 s)
+
+
+def test_a_peer_whose_daemon_died_leaves_quickly_and_quietly(swarm, mha_model):
+    """If the libp2p daemon is gone before the peer stops, the peer skips the offline announcement (one log line)
+    instead of waiting on a dead daemon."""
+    proc, _ = _start_peer_in_own_group(swarm, mha_model)
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        for c in children:
+            if c.name() == "p2pd":
+                c.kill()
+                c.wait(5)
+        time.sleep(0.5)
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        elapsed = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out[-2000:]
+    assert elapsed < 5, (elapsed, out[-2000:])
+    assert out.count("daemon is already gone") == 1 and "Traceback" not in out, out[-2000:]
+    deadline = time.time() + 5
+    while _alive(children) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(children)
+
+
+def test_a_model_the_swarm_does_not_serve_is_named_at_once(swarm, mha_model, gqa_model, tmp_path, capsys):
+    """Found by a user test: a client of a model no peer serves waited 60 s, then blamed blocks ("no live peer
+    serves block(s) ..."). It now says within seconds which models the swarm serves."""
+    import shutil
+
+    from protocols.model_spec import Checkpoint
+    from swarm.cli import main
+
+    served = Checkpoint(mha_model).model_uid
+    with DistributedModelForCausalLM.from_pretrained(gqa_model, initial_peers=swarm.initial_peers) as client:
+        for call in (lambda: client.generate(torch.tensor([[1, 2]]), max_new_tokens=2),
+                     lambda: client(torch.tensor([[1, 2]]))):
+            t0 = time.time()
+            with pytest.raises(SwarmError, match="no peer serves model") as info:
+                call()
+            assert time.time() - t0 < 15
+            text = str(info.value)
+            assert client.model_uid in text and f"the swarm serves: {served} (" in text and "online" in text, text
+            assert "same config" not in text
+    # the same checkpoint in a folder of another name is another model id: the error says why
+    renamed = tmp_path / "renamed-copy"
+    shutil.copytree(mha_model, renamed)
+    capsys.readouterr()
+    t0 = time.time()
+    code = main(["generate", "--model", str(renamed), "--initial-peers", *swarm.initial_peers, "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert code == 2 and time.time() - t0 < 30, err[-1000:]
+    assert "no peer serves model renamed-copy-" in err and served in err and "same config" in err, err[-1000:]
+    assert "Traceback" not in err
+
+
+def test_generate_json_has_one_shape(swarm, mha_model, capsys):
+    """Found by a user test: ``swarm generate --json`` printed a bare result for one prompt and
+    ``{"results": [...]}`` for several. It is always ``{"results": [...], "seconds", "tokens_per_s"}``."""
+    import json
+
+    from swarm.cli import main
+
+    outputs = []
+    for prompts in (["hello"], ["hello", "a longer second prompt"]):
+        args = ["generate", "--model", mha_model, "--initial-peers", *swarm.initial_peers, "--json",
+                "--max-new-tokens", "3"]
+        for p in prompts:
+            args += ["--prompt", p]
+        capsys.readouterr()
+        assert main(args) == 0
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert set(out) == {"results", "seconds", "tokens_per_s"}, out
+        assert [r["prompt"] for r in out["results"]] == prompts
+        for r in out["results"]:
+            assert set(r) == {"prompt", "prompt_ids", "new_ids", "text"} and len(r["new_ids"]) == 3
+        outputs.append(out)
+    # greedy and unpadded: the first prompt's result does not depend on the batch it was in
+    assert outputs[0]["results"][0]["new_ids"] == outputs[1]["results"][0]["new_ids"]
+
+
+def test_sim_up_keeps_running_when_a_peer_exits(mha_model):
+    """Found by a user test: ``swarm sim up`` stopped the whole swarm when one peer exited. It now says so in one
+    line and keeps the rest running; Ctrl-C still stops everything."""
+    proc = subprocess.Popen(
+        _swarm_cmd("sim", "up", "--model", mha_model, "--peers", "2", "--blocks-per-peer", "4"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("press Ctrl-C"):
+                break
+        assert proc.poll() is None, "".join(lines)
+        everything = psutil.Process(proc.pid).children(recursive=True)
+        peers = sorted((c for c in psutil.Process(proc.pid).children() if "peer" in c.cmdline()),
+                       key=lambda c: c.create_time())
+        assert len(peers) == 2, [c.cmdline() for c in peers]
+        peers[1].kill()
+        for line in proc.stdout:
+            lines.append(line)
+            if "exited" in line:
+                break
+        assert "peer 1 exited with code -9 (killed by SIGKILL)" in lines[-1], "".join(lines)
+        time.sleep(2)
+        assert proc.poll() is None and peers[0].is_running(), "".join(lines)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
+        out, _ = proc.communicate(timeout=60)
+        lines.append(out)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0 and "stopped" in lines[-1], "".join(lines)
+    assert sum("exited" in line for line in "".join(lines).splitlines()) == 1, "".join(lines)
+    deadline = time.time() + 10
+    while _alive(everything) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(everything), [c.cmdline() for c in _alive(everything)]
 
 
 def test_bad_options_fail_before_joining(mha_model):
