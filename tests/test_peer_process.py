@@ -227,24 +227,10 @@ def test_sigterm_to_the_whole_process_group_exits(swarm, mha_model):
     by a user test: the libp2p daemon died with the peer's signal, so the peer could not announce itself offline,
     took ~11.5 s to exit and printed two tracebacks. The daemon now runs in its own session."""
     proc, peer_id = _start_peer_in_own_group(swarm, mha_model)
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-        assert any(c.name() == "p2pd" for c in children)
-        t0 = time.time()
-        os.killpg(proc.pid, signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-        elapsed = time.time() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, out[-2000:]
-    assert elapsed < 5, (elapsed, out[-2000:])
-    assert "Traceback" not in out and "could not announce" not in out and "cleanly" not in out, out[-2000:]
-    deadline = time.time() + 5
-    while _alive(children) and time.time() < deadline:
-        time.sleep(0.2)
-    assert not _alive(children)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert any(c.name() == "p2pd" for c in children)
+    out = _stop_and_check(proc, children, lambda: os.killpg(proc.pid, signal.SIGTERM))
+    assert "could not announce" not in out and "cleanly" not in out, out[-2000:]
     with DistributedModelForCausalLM.from_pretrained(mha_model, initial_peers=swarm.initial_peers) as client:
         states = {r.peer_id: r.state for r in client.peers()}
     assert states.get(peer_id) == "offline", states  # it told the swarm it left (its record lives 10 s)
@@ -254,15 +240,22 @@ def test_a_peer_whose_daemon_died_leaves_quickly_and_quietly(swarm, mha_model):
     """If the libp2p daemon is gone before the peer stops, the peer skips the offline announcement (one log line)
     instead of waiting on a dead daemon."""
     proc, _ = _start_peer_in_own_group(swarm, mha_model)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    for c in children:
+        if c.name() == "p2pd":
+            c.kill()
+            c.wait(5)
+    time.sleep(0.5)
+    out = _stop_and_check(proc, children, lambda: proc.send_signal(signal.SIGTERM))
+    assert out.count("daemon is already gone") == 1, out[-2000:]
+
+
+def _stop_and_check(proc, children, signal_it) -> str:
+    """Signal a peer, and check that it exits with 0, without a traceback and without the long waits on a
+    dead daemon (it once took 11.5 s: 9 s leaves room for a loaded machine), leaving no child; returns its output."""
     try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-        for c in children:
-            if c.name() == "p2pd":
-                c.kill()
-                c.wait(5)
-        time.sleep(0.5)
         t0 = time.time()
-        proc.send_signal(signal.SIGTERM)
+        signal_it()
         out, _ = proc.communicate(timeout=30)
         elapsed = time.time() - t0
     finally:
@@ -270,12 +263,13 @@ def test_a_peer_whose_daemon_died_leaves_quickly_and_quietly(swarm, mha_model):
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, out[-2000:]
-    assert elapsed < 5, (elapsed, out[-2000:])
-    assert out.count("daemon is already gone") == 1 and "Traceback" not in out, out[-2000:]
+    assert elapsed < 9, (elapsed, out[-2000:])
+    assert "Traceback" not in out, out[-2000:]
     deadline = time.time() + 5
     while _alive(children) and time.time() < deadline:
         time.sleep(0.2)
     assert not _alive(children)
+    return out
 
 
 def test_a_model_the_swarm_does_not_serve_is_named_at_once(swarm, mha_model, gqa_model, tmp_path, capsys):
