@@ -186,9 +186,14 @@ def decompose(solution: FlowSolution, *, tolerance: float = 1e-9) -> List[Tuple[
     """Split a flow into chains with rates (tokens/s) that add up to it (path decomposition of a DAG flow).
 
     Inside peer ``i`` the flow has four kinds of edges: entry before block ``j`` (``u``), running block ``j``
-    (``x``), staying on the peer for block ``j+1`` (``x[j+1] - u[j+1]``) and exit after block ``j``. Walking from boundary 0, a chain enters the first peer with entry flow left, stays on it while
-    it can (fewer hops) and leaves when it must; it carries the smallest flow left on its path, which is then
+    (``x``), staying on the peer for block ``j+1`` (``x[j+1] - u[j+1]``) and exit after block ``j``. Walking from
+    boundary 0, a chain enters the first peer with entry flow left, stays on it while it can (fewer hops) and leaves
+    when it must; it carries the smallest flow left on its path, which is then
     subtracted. Each chain empties at least one edge, so there are at most as many chains as edges.
+
+    The LP's solution balances only within the solver's tolerance: entries are first capped at what the peer runs
+    through that block (``u <= x``), and a walk that still dead-ends (flow a few tolerances out of balance) drops
+    that residue along its path and the next walk starts, instead of leaving the rest of the flow unrouted.
 
     :returns: ``(rate, hops)`` pairs, rates in tokens/s, largest first
     """
@@ -198,9 +203,11 @@ def decompose(solution: FlowSolution, *, tolerance: float = 1e-9) -> List[Tuple[
     eps = tolerance * max(solution.throughput, 1e-12)
     by_id = {p.peer_id: p for p in solution.peers}
     x = {pid: v.copy() for pid, v in solution.load.items()}
-    u = {pid: v.copy() for pid, v in solution.entries.items()}
-    out = {pid: solution.exits(pid) for pid in solution.load}
+    # no more tokens enter before a block than run it: the LP allows it only within the solver's tolerance (a
+    # residual entry on a block the peer does not run would otherwise start a chain that dead-ends there)
+    u = {pid: np.minimum(v, x[pid]) for pid, v in solution.entries.items()}
     stay = {pid: np.maximum(np.concatenate(([0.0], x[pid][1:] - u[pid][1:])), 0.0) for pid in x}
+    out = {pid: np.maximum(x[pid] - np.concatenate((stay[pid][1:], [0.0])), 0.0) for pid in x}
     enter_at: List[List[str]] = [[] for _ in range(L)]
     for pid, p in by_id.items():
         for j in range(p.length):
@@ -210,7 +217,9 @@ def decompose(solution: FlowSolution, *, tolerance: float = 1e-9) -> List[Tuple[
     remaining = solution.throughput
     chains: List[Tuple[float, List[Hop]]] = []
     max_paths = 4 * sum(p.length for p in solution.peers) + 10
-    while remaining > eps and len(chains) < max_paths:
+    walks = 0
+    while remaining > eps and walks < max_paths:
+        walks += 1
         b, hops, rate, path = 0, [], remaining, []
         while b < L:
             lst = enter_at[b]
@@ -222,6 +231,9 @@ def decompose(solution: FlowSolution, *, tolerance: float = 1e-9) -> List[Tuple[
             p = by_id[pid]
             j = b - p.start
             a = b
+            if x[pid][j] <= eps:  # solver residue: an entry on a block the peer no longer runs
+                u[pid][j] = 0.0
+                continue
             rate = min(rate, u[pid][j], x[pid][j])
             path += [(u[pid], j), (x[pid], j)]
             while j + 1 < p.length and stay[pid][j + 1] > eps:
@@ -234,7 +246,11 @@ def decompose(solution: FlowSolution, *, tolerance: float = 1e-9) -> List[Tuple[
             b = p.start + j + 1
             hops.append(Hop(pid, a, b))
         if b < L or rate <= eps:
-            break  # numerical leftovers
+            # a dead end: flow the solver's tolerance left unbalanced (a few eps). Drop it along the walk (its
+            # smallest edge empties, so the walks end) rather than give up on the rest of the flow
+            for arr, j in path:
+                arr[j] = 0.0 if arr[j] <= max(rate, eps) else arr[j] - rate
+            continue
         for arr, j in path:
             arr[j] -= rate
         remaining -= rate

@@ -9,7 +9,8 @@ Prints one table and writes ``out/bench_partitioner.json`` and ``out/partitioner
   the share of remaining peers it moves, and whether any intermediate step leaves a block unserved; Petals'
   rebalancing on its own placement for comparison. Swarms whose remaining peers cannot hold the model (new bound 0:
   nothing can be served by any placement) are counted apart ("model not coverable"), not in the fractions. Up to 20
-  peers the plan may spend ``REBALANCE_SEARCH`` max-flow LPs on search (``search_budget``);
+  peers the plan may spend ``REBALANCE_SEARCH`` max-flow LPs on search from the greedy plan (``search_budget``) and
+  ``REBALANCE_BEAM`` on a beam search over safe move sequences (``beam_budget``);
 * timing: a joining peer's span in a 10,000-peer swarm, a rebalancing plan and a fresh placement for 1,000 peers;
 * churn: served throughput over an hour of peers joining and leaving (the PNG).
 
@@ -42,6 +43,7 @@ FULL_COUNTS = {4: 100, 8: 100, 20: 100, 100: 100, 1000: 10, 10000: 2}
 QUICK_COUNTS = {4: 20, 8: 20, 20: 20, 100: 8, 1000: 2, 10000: 1}
 REBALANCE_MAX = 1000  # rebalancing is measured up to this size (each state costs a max-flow LP)
 REBALANCE_SEARCH = 120  # max-flow LPs the rebalancing plan may spend on search in small swarms (<= 20 peers)
+REBALANCE_BEAM = 300  # max-flow LPs for its beam search over safe move sequences there (partitioner.rebalance)
 PETALS_FLOW_EXACT_MAX = 1000  # Petals' placement under our routing: LP up to here, even-spread routing above
 
 
@@ -75,7 +77,8 @@ def static_and_rebalance(size: int, count: int, seed: int, petals_rebalance_max:
         t = time.time()
         # small swarms: the plan scores its candidate moves with the max-flow evaluator
         ev = (lambda pl, keep=keep: ours_throughput(keep, model, pl, True)) if size <= 20 else None
-        plan = plan_rebalance(keep, model, rest, evaluate=ev, search_budget=REBALANCE_SEARCH if size <= 20 else 0)
+        plan = plan_rebalance(keep, model, rest, evaluate=ev, search_budget=REBALANCE_SEARCH if size <= 20 else 0,
+                              beam_budget=REBALANCE_BEAM if size <= 20 else 0)
         plan_s = time.time() - t
         after_pl = plan.apply(rest)
         after = ours_throughput(keep, model, after_pl, exact)
