@@ -219,7 +219,8 @@ class GraphCache(StaticCache):
             for layer, n in zip(used, lengths):
                 layer.cumulative_length.copy_(n)  # the warm-up wrote this step's slot; the replay rewrites it
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: other threads (a prefill of another session in the compute pool) may allocate meanwhile
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 output = self._run(static[0], first, last, *static[1:])
             entry = self.graphs[(first, last)] = (graph, static, output)
         graph, static, output = entry

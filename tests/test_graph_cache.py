@@ -94,3 +94,39 @@ def test_graph_replays_equal_eager_steps(gqa_model):
     grow = _run_session(backend, backend.new_cache(), hidden, mask, chunks).cpu()
     assert torch.allclose(out[real], grow[real], atol=1e-4, rtol=1e-3)
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_capture_while_another_thread_computes(gqa_model):
+    """A peer captures a session's graph on its event-loop thread while its compute pool may run another session's
+    prefill (allocating memory): neither may fail, and the graphed session's outputs stay right."""
+    import threading
+
+    ckpt = Checkpoint(gqa_model)
+    backend = SpanBackend(ckpt, 0, ckpt.num_blocks, device="cuda")
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 8, backend.hidden_size)
+    mask = torch.ones(1, 8, dtype=torch.long)
+    chunks = [2] + [1] * 6
+    stop, errors = threading.Event(), []
+
+    def prefills():
+        try:
+            while not stop.is_set():
+                n = int(torch.randint(16, 256, ()))
+                x = torch.randn(2, n, backend.hidden_size)
+                backend.forward(x, position_ids=torch.arange(n).expand(2, -1), cache=backend.new_cache(2, n))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    worker = threading.Thread(target=prefills)
+    worker.start()
+    try:
+        outs = [_run_session(backend, backend.new_cache(1, 8), hidden, mask, chunks).cpu() for _ in range(20)]
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors, errors
+    ref = _run_session(backend, backend.new_cache(), hidden, mask, chunks).cpu()
+    for out in outs:
+        assert torch.allclose(out, ref, atol=1e-4, rtol=1e-3)
