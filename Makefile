@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(PY) -m sims.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 
 bench: $(STAMP)
 	$(PY) -m sims.bench_inference
