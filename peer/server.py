@@ -32,7 +32,9 @@ from protocols.messages import (
 )
 from protocols.model_spec import Checkpoint, resolve_dtype
 from protocols.records import MODELS_KEY, PeerRecord, model_key, parse_records, sign_record
-from protocols.transport import create_dht_node, create_p2p, daemon_alive, ensure_connected, measure_link
+from protocols.transport import (
+    create_dht_node, create_p2p, daemon_alive, ensure_connected, measure_link, quiet_closed_streams,
+)
 
 from peer.backend import SpanBackend, positions_for
 from peer.throughput import measure_throughput
@@ -47,7 +49,7 @@ def _internal_error(e: Exception, what: str) -> Exception:
     """The error a handler sends back for ``e``: expected errors (bad input, a peer leaving) as they are; anything
     else is logged with its traceback and named by type, so neither the peer's log nor the client sees an
     empty message."""
-    if isinstance(e, (ValueError, PeerLeaving)):
+    if isinstance(e, (ValueError, PeerLeaving, SessionIdle)):
         return e
     logger.error("%s failed: %s: %s", what, type(e).__name__, e, exc_info=e)
     return RuntimeError(f"internal error in {what}: {type(e).__name__}: {e}")
@@ -66,6 +68,10 @@ def _naming_errors(what: str):
                 raise _internal_error(e, what) from e
         return wrapped
     return wrap
+
+
+class SessionIdle(TimeoutError):
+    """A session got no request within the peer's session timeout and was closed (routine: the client reopens it)."""
 
 
 class PeerLeaving(RuntimeError):
@@ -152,6 +158,7 @@ class Peer:
         self.forward_tps = self.decode_sps = 0.0
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.leaving = asyncio.Event()
+        self.daemon_lost = asyncio.Event()  # its libp2p daemon exited: nobody can reach this peer any more
         self._tasks: List[asyncio.Task] = []
         self.p2p = self.dht = None
         self._identity_file: Optional[str] = None
@@ -431,6 +438,10 @@ class Peer:
     async def _announce_loop(self) -> None:
         while True:
             await asyncio.sleep(self.opts.record_ttl / 3)
+            if not daemon_alive(self.p2p):
+                logger.error("the libp2p daemon exited: this peer can no longer be reached; stopping")
+                self.daemon_lost.set()
+                return
             try:
                 if not await self.announce():
                     logger.warning("could not store this peer's DHT record; retrying in %.0fs", self.opts.record_ttl / 3)
@@ -657,7 +668,7 @@ class Peer:
         if session is not None and session.ended.is_set():
             raise PeerLeaving(f"peer {self.peer_id} moved to blocks {self.start_block}:{self.end_block}; "
                               "continue on another peer")
-        raise TimeoutError(f"session closed after {timeout:.0f}s without a request")
+        raise SessionIdle(f"session closed after {timeout:.0f}s without a request")
 
     async def _testing_faults(self) -> None:
         self.steps_received += 1
@@ -852,7 +863,7 @@ class Peer:
             if session.ended.is_set():
                 raise PeerLeaving(f"peer {self.peer_id} moved to blocks {self.start_block}:{self.end_block}; "
                                   "continue on another peer")
-            raise TimeoutError(f"session closed after {timeout:.0f}s without a request")
+            raise SessionIdle(f"session closed after {timeout:.0f}s without a request")
 
 
 async def _bounded(coro, timeout: float, what: str) -> None:
@@ -874,15 +885,19 @@ async def _serve(opts: PeerOptions) -> int:
     peer = Peer(opts)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    quiet_closed_streams(loop)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     try:
         await peer.start()
         print(f"PEER_READY {peer.peer_id} {peer.start_block}:{peer.end_block}", flush=True)
-        await stop.wait()
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(peer.daemon_lost.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
     finally:
         await peer.shutdown()
-    return 0
+    return 1 if peer.daemon_lost.is_set() else 0
 
 
 def run_peer(opts: PeerOptions) -> int:

@@ -267,6 +267,21 @@ async def ensure_connected(p2p: P2P, peer_id, addrs: Sequence[str]) -> None:
         raise ConnectionError(f"cannot connect to peer {peer_id}: {e}") from e
 
 
+def quiet_closed_streams(loop: asyncio.AbstractEventLoop) -> None:
+    """Make ``loop`` log, at debug level, the exceptions of hivemind's background stream writers that found their
+    stream already closed by the other side (a peer that closed an idle session, a daemon that is gone), which
+    asyncio would otherwise print with a traceback as "Task exception was never retrieved"; the stream's owner
+    sees the failure itself. Anything else goes to the default handler."""
+    def handler(loop, context):
+        exc = context.get("exception")
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError, asyncio.IncompleteReadError)):
+            logger.debug("%s: %s: %s", context.get("message"), type(exc).__name__, exc)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
 async def ping(p2p: P2P, peer_id, payload: bytes = b"", timeout: float = 2.0) -> float:
     """One round trip of ``payload`` to a peer's ``swarm.ping`` RPC; returns its duration in seconds.
 

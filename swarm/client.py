@@ -33,7 +33,9 @@ from protocols.codec import decode_tensor, encode_tensor
 from protocols.messages import RPC_FORWARD, RPC_INFERENCE, pack, unpack
 from protocols.model_spec import Checkpoint, build_meta_model, resolve_dtype
 from protocols.records import MODELS_KEY, PeerRecord, model_key, parse_model_index, parse_records
-from protocols.transport import create_dht_node, create_p2p, ensure_connected, ping, start_reaper
+from protocols.transport import (
+    create_dht_node, create_p2p, ensure_connected, ping, quiet_closed_streams, start_reaper,
+)
 
 logger = logging.getLogger("swarm.client")
 
@@ -54,8 +56,10 @@ class _Network:
             self.loop = uvloop.new_event_loop()
         except ImportError:
             self.loop = asyncio.new_event_loop()
+        quiet_closed_streams(self.loop)
         self._thread = threading.Thread(target=self.loop.run_forever, name="swarm-network", daemon=True)
         self._thread.start()
+        self.closed = False  # set by shutdown: later calls fail at once instead of waiting on a stopped loop
         self.p2p: Optional[P2P] = None
         self.dht = None
         self._connected: Dict[str, tuple] = {}
@@ -70,6 +74,9 @@ class _Network:
         """Run ``coro`` on the network thread and return its result. If the caller stops waiting (Ctrl-C, or
         ``timeout`` seconds), the coroutine is cancelled rather than left running: an interrupted step must not
         go on to fail, ban its peer and retry in the background."""
+        if self.closed or not self._thread.is_alive():
+            coro.close()
+            raise SwarmError("the client is shut down: create a new DistributedModelForCausalLM")
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result(timeout)
@@ -148,6 +155,7 @@ class _Network:
             self.run(_cancel_rest(), timeout=5)
         except Exception as e:
             logger.debug("network shutdown: %s", e)
+        self.closed = True
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
 
@@ -467,8 +475,10 @@ class InferenceSession:
                 if e.ban:
                     self.model._ban(e.peer_id, e.reason)
                 hop.close()
-                logger.warning("session %s: %s; replacing blocks %d:%d", self.session_id[:8], e,
-                               hop.hop.start, hop.hop.end)
+                # an idle session the peer closed (its --session-timeout) is routine: one INFO line; a failure is
+                # a warning (its ban, if any, was logged by _ban)
+                logger.log(logging.WARNING if e.ban else logging.INFO, "session %s: %s; %s blocks %d:%d",
+                           self.session_id[:8], e, "replacing" if e.ban else "reopening", hop.hop.start, hop.hop.end)
                 self.hops[i:i + 1] = await self._replace(i, deadline)
                 self.model.stats["failovers"] += 1
                 self.failovers.append({"peer_id": e.peer_id, "reason": e.reason, "detected_at": failed_at,
@@ -732,9 +742,7 @@ class DistributedModelForCausalLM:
         if limit is not None and input_ids.shape[1] > limit:
             raise ValueError(f"{input_ids.shape[1]} tokens are over the model's limit of {limit} tokens "
                              "(max_position_embeddings)")
-        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(f"attention_mask of shape {list(attention_mask.shape)} does not match input_ids of shape "
-                             f"{list(input_ids.shape)}")
+        _check_mask(input_ids, attention_mask)
         hidden = self.embed_tokens(input_ids.to(self.device)).cpu()
         mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.long().cpu()
         hidden = self.net.run(self._forward(hidden, mask), timeout=self.retry_timeout + self.step_timeout * 4)
@@ -854,8 +862,8 @@ class DistributedModelForCausalLM:
             (see :class:`InferenceSession`); ignored when ``session`` is given
         :returns: ``[batch, prompt_tokens + generated]`` token ids (fewer than ``max_new_tokens`` if every
             sequence reached an end-of-sequence token; finished sequences are filled with ``pad_token_id``)
-        :raises ValueError: if ``max_new_tokens`` is below 1, the prompt plus ``max_new_tokens`` is longer than the
-            session's max_length (or, for a new session, the model's ``max_position_embeddings``), or an unknown
+        :raises ValueError: if ``max_new_tokens`` is below 1, ``attention_mask`` is not shaped like ``input_ids``,
+            the prompt plus ``max_new_tokens`` is longer than the session's max_length (or, for a new session, the model's ``max_position_embeddings``), or an unknown
             ``routing``
         :raises SwarmError: if the swarm cannot serve the request
         """
@@ -869,6 +877,7 @@ class DistributedModelForCausalLM:
         elif input_ids.ndim != 2 or input_ids.shape[0] < 1 or (input_ids.shape[1] < 1 and pending is None):
             raise ValueError(f"input_ids must be [batch >= 1, tokens >= 1], got shape {list(input_ids.shape)}")
         batch, prompt_len = input_ids.shape
+        _check_mask(input_ids, attention_mask)
         if pending is not None and pending.shape[0] != batch:
             raise ValueError(f"batch of {batch} sequences does not match the session's batch of {pending.shape[0]}")
         gc = self.generation_config
@@ -928,6 +937,13 @@ class DistributedModelForCausalLM:
             if own_session:
                 session.close()
         return sequences
+
+
+def _check_mask(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> None:
+    """:raises ValueError: if ``attention_mask`` is given with another shape than ``input_ids``."""
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask of shape {list(attention_mask.shape)} does not match input_ids of shape "
+                         f"{list(input_ids.shape)}")
 
 
 def _check_count(name: str, value: Any) -> None:

@@ -159,4 +159,22 @@ def test_bad_lengths_are_clear_value_errors(setup):
         client.generate(torch.tensor([[1, 2]]), max_new_tokens=0)
     with pytest.raises(ValueError, match="limit"):
         client.generate(torch.tensor([[1, 2]]), max_new_tokens=limit)
+    # found by a user test: a mask of another shape went to the peers, which refused it; the client banned a healthy
+    # peer and waited 60 s before "no live peer serves block(s)"
+    with pytest.raises(ValueError, match="attention_mask"):
+        client.generate(torch.tensor([[1, 2, 3, 4]]), attention_mask=torch.zeros(1, 2), max_new_tokens=2)
+    assert client.stats["bans"] == 0
     assert client(torch.tensor([[1, 2, 3]])).shape[:2] == (1, 3)  # the client still works
+
+
+def test_a_shut_down_client_fails_at_once(setup):
+    """Found by a user test: ``generate`` after ``shutdown()`` waited forever on the stopped network thread."""
+    from swarm.client import SwarmError
+
+    path, swarm, _ = setup
+    client = DistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
+    client.shutdown()
+    with pytest.raises(SwarmError, match="shut down"):
+        client.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+    with pytest.raises(SwarmError, match="shut down"):
+        client(torch.tensor([[1, 2, 3]]))
