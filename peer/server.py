@@ -453,7 +453,8 @@ class Peer:
         if self.p2p is None:  # never joined: nothing to undo
             self.pool.shutdown(wait=False, cancel_futures=True)
             return
-        logger.info("peer %s leaving: announcing offline and closing %d sessions", self.peer_id, len(self.sessions))
+        n = len(self.sessions)
+        logger.info("peer %s leaving: announcing offline and closing %d session%s", self.peer_id, n, "" if n == 1 else "s")
         self.state = "offline"
         self.leaving.set()
         for t in self._tasks:
