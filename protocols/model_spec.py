@@ -42,6 +42,39 @@ def _hub_download(repo_id: str, filename: str) -> str:
         ) from e
 
 
+_SAMPLE_BYTES = 64 * 1024
+
+
+def _open_shard(path: str):
+    """``safe_open`` of a shard. :raises ModelSpecError: naming the file if it is truncated or not safetensors."""
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:  # SafetensorError, OSError
+        raise ModelSpecError(f"cannot read safetensors file {path}: {e}") from e
+
+
+def shard_fingerprint(path: str) -> bytes:
+    """A cheap fingerprint of a safetensors shard: its size plus 64 KiB samples from the start of its data, the
+    middle and the end (each read only once). Two shards of different training runs differ in it.
+
+    :raises ModelSpecError: if the file cannot be read
+    """
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            parts = [str(size).encode()]
+            head = f.read(8)
+            data_start = 8 + int.from_bytes(head, "little") if len(head) == 8 else 0
+            data_start = min(data_start, size)
+            for offset in sorted({data_start, max(data_start, (data_start + size) // 2 - _SAMPLE_BYTES // 2),
+                                  max(data_start, size - _SAMPLE_BYTES)}):
+                f.seek(offset)
+                parts.append(f.read(_SAMPLE_BYTES))
+    except OSError as e:
+        raise ModelSpecError(f"cannot read safetensors file {path}: {e}") from e
+    return hashlib.sha256(b"\0".join(parts)).digest()
+
+
 class Checkpoint:
     """A Hugging Face causal-LM checkpoint, by local path or hub id; shards are fetched only when read.
 
@@ -54,14 +87,20 @@ class Checkpoint:
         self.local_dir: Optional[str] = model if os.path.isdir(model) else None
         if self.local_dir is None and (os.path.sep in model and not re.match(r"^[\w.\-]+/[\w.\-]+$", model)):
             raise ModelSpecError(f"model {model!r} is neither a local directory nor a hub id like 'org/name'")
-        with open(self._file("config.json")) as f:
-            self.config_dict = json.load(f)
+        config_path = self._file("config.json")
+        try:
+            with open(config_path) as f:
+                self.config_dict = json.load(f)
+        except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: JSONDecodeError
+            raise ModelSpecError(f"cannot read {config_path}: {e}") from e
+        if not isinstance(self.config_dict, dict):
+            raise ModelSpecError(f"cannot read {config_path}: not a JSON object")
         from transformers import AutoConfig
 
         try:
             self.config = AutoConfig.from_pretrained(self.local_dir or model)
         except Exception as e:
-            raise ModelSpecError(f"cannot read the config of {model!r}: {e}") from e
+            raise ModelSpecError(f"cannot read the config of {model!r} ({config_path}): {e}") from e
         if self.config.model_type not in SUPPORTED_FAMILIES:
             raise ModelSpecError(
                 f"model type {self.config.model_type!r} is not supported; supported: {', '.join(SUPPORTED_FAMILIES)}"
@@ -72,6 +111,7 @@ class Checkpoint:
                 raise ModelSpecError("sliding-window attention layers are not supported yet")
         self.config._attn_implementation = "sdpa"
         self._weight_map = self._read_weight_map()
+        self._uid: Optional[str] = None
 
     def _file(self, filename: str) -> str:
         if self.local_dir is not None:
@@ -87,8 +127,11 @@ class Checkpoint:
                 return dict(json.load(f)["weight_map"])
         except ModelSpecError:
             path = self._file("model.safetensors")
-            with safe_open(path, framework="pt") as f:
+            with _open_shard(path) as f:
                 return {name: "model.safetensors" for name in f.keys()}
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            raise ModelSpecError(f"cannot read the shard index model.safetensors.index.json of {self.name}: "
+                                 f"{type(e).__name__}: {e}") from e
 
     @property
     def num_blocks(self) -> int:
@@ -97,11 +140,22 @@ class Checkpoint:
     @property
     def model_uid(self) -> str:
         """A DHT-safe id shared by every peer and client of this checkpoint: a readable name plus a hash of
-        the config, so different models never mix in one swarm."""
-        base = os.path.basename(os.path.normpath(self.name)) if self.local_dir else self.name.replace("/", "--")
-        base = re.sub(r"[^A-Za-z0-9_.\-]", "-", base)[:80] or "model"
-        digest = hashlib.sha256(json.dumps(self.config_dict, sort_keys=True).encode()).hexdigest()[:10]
-        return f"{base}-{digest}"
+        the config and, for a local checkpoint, of a fingerprint of its weights (see :func:`shard_fingerprint`),
+        so different models, or two checkpoints of one config with different weights, never mix in one swarm.
+        A hub id's hash covers its config only (its shards are not fetched for the id); identical copies of a
+        local checkpoint in folders of the same name get the same id.
+
+        :raises ModelSpecError: if a local shard cannot be read
+        """
+        if self._uid is None:
+            base = os.path.basename(os.path.normpath(self.name)) if self.local_dir else self.name.replace("/", "--")
+            base = re.sub(r"[^A-Za-z0-9_.\-]", "-", base)[:80] or "model"
+            h = hashlib.sha256(json.dumps(self.config_dict, sort_keys=True).encode())
+            if self.local_dir is not None:
+                for shard in sorted(set(self._weight_map.values())):
+                    h.update(b"\0" + shard.encode() + b"\0" + shard_fingerprint(self._file(shard)))
+            self._uid = f"{base}-{h.hexdigest()[:10]}"
+        return self._uid
 
     def tensor_names(self, prefixes: Iterable[str]) -> List[str]:
         prefixes = tuple(prefixes)
@@ -119,9 +173,13 @@ class Checkpoint:
             by_shard.setdefault(self._weight_map[name], []).append(name)
         out = {}
         for shard, shard_names in by_shard.items():
-            with safe_open(self._file(shard), framework="pt") as f:
+            path = self._file(shard)
+            with _open_shard(path) as f:
                 for name in shard_names:
-                    out[name] = f.get_tensor(name)
+                    try:
+                        out[name] = f.get_tensor(name)
+                    except Exception as e:  # SafetensorError: a truncated or corrupt shard
+                        raise ModelSpecError(f"cannot read tensor {name} from {path}: {e}") from e
         return out
 
     def span_config(self, start: int, end: int):

@@ -637,9 +637,9 @@ class DistributedModelForCausalLM:
         text = f"no peer serves {what}; the swarm serves: {listed}"
         digest = self.model_uid.rsplit("-", 1)[-1]
         same = [uid for uid in served if uid.rsplit("-", 1)[-1] == digest]
-        if same:  # the same config under another name: a model id is the checkpoint folder's name + a config hash
-            text += (f". {same[0]} has the same config: a model's id is its checkpoint folder's name plus a hash of "
-                     f"its config, so load the checkpoint from a folder named as the peers' one")
+        if same:  # the same checkpoint under another name: an id is the folder's name + a hash of config and weights
+            text += (f". {same[0]} has the same config and weights: a model's id is its checkpoint folder's name plus "
+                     f"a hash of its config and weights, so load the checkpoint from a folder named as the peers' one")
         return SwarmError(text)
 
     async def _check_model_served(self, started: float) -> None:
