@@ -88,11 +88,18 @@ class Identity:
     def load_or_create(cls, path: str) -> "Identity":
         """Load the key at ``path``, or create it there (mode 0600) if the file does not exist.
 
-        :raises ValueError: if the file exists but does not hold an Ed25519 key.
+        :raises ValueError: if the file exists but does not hold an Ed25519 key, or the path cannot be read or
+            written (a directory, no permission); the message names the path.
         """
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                return cls.from_libp2p_bytes(f.read())
-        identity = cls.generate()
-        identity.save(path)
-        return identity
+        try:
+            if os.path.isdir(path):
+                raise ValueError("it is a directory, not a key file")
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    return cls.from_libp2p_bytes(f.read())
+            identity = cls.generate()
+            identity.save(path)
+            return identity
+        except (OSError, ValueError) as e:
+            text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise ValueError(f"identity {path}: {text}") from e

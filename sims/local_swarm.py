@@ -28,10 +28,15 @@ def default_spans(num_blocks: int, num_peers: int, blocks_per_peer: Optional[int
     """Spans for ``num_peers`` peers: ``blocks_per_peer`` blocks each (default ``ceil(num_blocks / 2)``, or all
     blocks for one peer), laid round-robin so consecutive peers tile the model and later ones add replicas.
 
-    :raises ValueError: if the peers cannot cover every block
+    :raises ValueError: if ``num_peers`` or ``blocks_per_peer`` is below 1, ``blocks_per_peer`` is over
+        ``num_blocks``, or the peers cannot cover every block
     """
-    k = blocks_per_peer or (num_blocks if num_peers == 1 else math.ceil(num_blocks / 2))
-    k = min(k, num_blocks)
+    if num_peers < 1:
+        raise ValueError(f"--peers must be at least 1, got {num_peers}")
+    if blocks_per_peer is not None and not 1 <= blocks_per_peer <= num_blocks:
+        raise ValueError(f"--blocks-per-peer must be between 1 and the model's {num_blocks} blocks, "
+                         f"got {blocks_per_peer}")
+    k = blocks_per_peer if blocks_per_peer is not None else (num_blocks if num_peers == 1 else math.ceil(num_blocks / 2))
     spans = []
     for i in range(num_peers):
         start = min((i * k) % num_blocks, num_blocks - k)
@@ -42,6 +47,21 @@ def default_spans(num_blocks: int, num_peers: int, blocks_per_peer: Optional[int
     if len(covered) < num_blocks:
         raise ValueError(f"{num_peers} peers of {k} blocks cannot cover all {num_blocks} blocks")
     return spans
+
+
+class SwarmStartError(RuntimeError):
+    """A process of the swarm exited or was not ready in time. ``str()`` is the reason plus the process's log
+    tail; :meth:`one_line` is the reason plus the process's own last error line."""
+
+    def __init__(self, child: "_Child", reason: str):
+        self.reason, self.log_path = reason, child.log_path
+        self.log_tail = child.tail()
+        super().__init__(f"{reason}:\n{self.log_tail}")
+
+    def one_line(self) -> str:
+        lines = [line.strip() for line in self.log_tail.splitlines() if line.strip()]
+        said = next((line for line in reversed(lines) if "error" in line.lower()), lines[-1] if lines else "")
+        return f"{self.reason}" + (f": {said}" if said else "") + f" (log: {self.log_path})"
 
 
 class _Child:
@@ -222,9 +242,9 @@ class LocalSwarm:
         for c in children:
             while not c.ready.wait(0.1):
                 if not c.alive():
-                    raise RuntimeError(f"{c.name} exited with code {c.proc.returncode}:\n{c.tail()}")
+                    raise SwarmStartError(c, f"{c.name} exited with code {c.proc.returncode}")
                 if time.perf_counter() - t0 > self.ready_timeout:
-                    raise RuntimeError(f"{c.name} not ready after {self.ready_timeout:.0f}s:\n{c.tail()}")
+                    raise SwarmStartError(c, f"{c.name} not ready after {self.ready_timeout:.0f}s")
 
     def peer_id(self, i: int) -> str:
         return self.peers[i].ready_line.split()[1]
@@ -271,14 +291,18 @@ def run_sim_up(model: str, num_peers: int, blocks_per_peer: Optional[int] = None
     in one line and the rest keep running; the simulation ends by itself only when every process has exited
     (exit code 1). Ctrl-C, SIGTERM or SIGHUP stop every process (exit code 0).
     """
+    swarm = LocalSwarm(model, num_peers, blocks_per_peer=blocks_per_peer, peer_args=list(extra_peer_args),
+                       keep_logs=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
-    swarm = LocalSwarm(model, num_peers, blocks_per_peer=blocks_per_peer, peer_args=list(extra_peer_args),
-                       keep_logs=True)
     print(f"starting a bootstrap node and {num_peers} peers on {host} (logs in {swarm.log_dir})", flush=True)
     try:
-        swarm.start()
+        try:
+            swarm.start()
+        except SwarmStartError as e:
+            print(f"error: {e.one_line()}", file=sys.stderr, flush=True)
+            return 2
         print(f"swarm ready in {swarm.ready_seconds:.1f}s; spans: "
               + ", ".join(f"{s}:{e}" for s, e in swarm.spans), flush=True)
         print("initial peers: " + " ".join(swarm.initial_peers), flush=True)

@@ -99,6 +99,14 @@ def cmd_dht(args) -> int:
 
     from protocols.transport import PortInUseError, create_dht_node, create_p2p, start_reaper
 
+    if args.identity:  # an Ed25519 key like a peer's (the daemon itself would create an RSA key)
+        from protocols.identity import Identity
+
+        try:
+            Identity.load_or_create(args.identity)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     start_reaper()
 
     async def main():
@@ -351,9 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sim", help="local multi-peer swarms on this machine")
     simsub = p.add_subparsers(dest="sim_command", required=True, parser_class=with_defaults)
     up = simsub.add_parser("up", help="start a bootstrap node and N peers on 127.0.0.1 until Ctrl-C")
-    up.add_argument("--peers", type=int, default=3, help="number of peers")
+    up.add_argument("--peers", type=_positive_int, default=3, help="number of peers")
     up.add_argument("--model", default=None, help="local path or hub id (default: the embedded model)")
-    up.add_argument("--blocks-per-peer", type=int, default=None, help="blocks each peer holds (default: spread evenly)")
+    up.add_argument("--blocks-per-peer", type=_positive_int, default=None, help="blocks each peer holds (default: spread evenly)")
     up.add_argument("--host", default="127.0.0.1", help="address the peers listen on")
     up.add_argument("--peer-args", nargs=argparse.REMAINDER, help="extra options for every peer")
     up.set_defaults(func=cmd_sim)

@@ -397,7 +397,7 @@ def test_more_user_mistakes_are_one_line_errors(mha_model, tmp_path):
         (["peer", "--model", mha_model, "--new-swarm", "--device", "no-such-device"], "--device"),
         (["peer", "--model", mha_model, "--new-swarm", "--max-cache-tokens", "-5"], "--max-cache-tokens"),
         (["generate", "--model", mha_model, "--initial-peers", peer, "--prompt", "hi", "--top-p", "1.5"], "--top-p"),
-        (["sim", "up", "--model", mha_model, "--peers", "0"], "cannot cover"),
+        (["sim", "up", "--model", mha_model, "--peers", "0"], "--peers: must be at least 1"),  # said "cannot cover"
         # accepted before: a TTL of 0 made the peer re-store its record in a busy loop, a negative throughput hid
         # the peer from every client, negative threads were a traceback, a negative temperature meant greedy
         (["peer", "--model", mha_model, "--new-swarm", "--record-ttl", "0"], "--record-ttl"),
