@@ -338,22 +338,33 @@ def test_choose_span_keeps_petals_contract():
 # ------------------------------------------------------------------ rebalancing
 
 
+def _assert_moves_fit_memory(plan, peers, model):
+    """Every move's new span, and its make-before-break hull, fits the moving peer's memory."""
+    for m in plan.moves:
+        p = next(q for q in peers if q.peer_id == m.peer_id)
+        assert m.new[1] - m.new[0] <= max_blocks(p, model)
+        if m.via is not None:
+            assert m.via[1] - m.via[0] <= max_blocks(p, model)
+
+
+def _after_departures(seed: int, n: int, L: int, leave: float):
+    """A random swarm of ``n`` peers over ``L`` blocks placed by :func:`plan_placement`, then each peer gone with
+    probability ``leave``: ``(model, peers kept, their placement)``."""
+    rng = np.random.default_rng(seed)
+    model, peers = _random_swarm(rng, n, L=L)
+    pl = plan_placement(peers, model)
+    keep = [p for p in peers if rng.random() > leave]
+    return model, keep, {p.peer_id: pl[p.peer_id] for p in keep}
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_rebalance_plan_is_safe_and_within_budget(seed):
-    rng = np.random.default_rng(600 + seed)
-    model, peers = _random_swarm(rng, 15, L=24)
-    pl = plan_placement(peers, model)
-    keep = [p for p in peers if rng.random() > 0.2]
-    rest = {p.peer_id: pl[p.peer_id] for p in keep}
+    model, keep, rest = _after_departures(600 + seed, 15, 24, leave=0.2)
     plan = plan_rebalance(keep, model, rest)
     assert len(plan.moves) <= max(1, int(0.3 * len(keep)))
     assert len({m.peer_id for m in plan.moves}) == len(plan.moves)  # each peer moves at most once
     assert check_plan(rest, plan, model.num_blocks) == []
-    for m in plan.moves:
-        p = next(q for q in keep if q.peer_id == m.peer_id)
-        assert m.new[1] - m.new[0] <= max_blocks(p, model)
-        if m.via is not None:
-            assert m.via[1] - m.via[0] <= max_blocks(p, model)
+    _assert_moves_fit_memory(plan, keep, model)
     before = max_flow(placed_peers(keep, model, rest), model.num_blocks).throughput
     after_pl = plan.apply(rest)
     after = max_flow(placed_peers(keep, model, after_pl), model.num_blocks).throughput
@@ -379,11 +390,7 @@ def test_search_with_flow_never_worse_and_keeps_its_move_budget():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_rebalance_with_search_is_safe_within_budget_and_no_worse(seed):
-    rng = np.random.default_rng(650 + seed)
-    model, peers = _random_swarm(rng, 10, L=20)
-    pl = plan_placement(peers, model)
-    keep = [p for p in peers if rng.random() > 0.25]
-    rest = {p.peer_id: pl[p.peer_id] for p in keep}
+    model, keep, rest = _after_departures(650 + seed, 10, 20, leave=0.25)
     greedy = plan_rebalance(keep, model, rest)
     plan = plan_rebalance(keep, model, rest, search_budget=40)
     assert len({m.peer_id for m in plan.moves}) == len(plan.moves) <= max(1, int(0.3 * len(keep)))
@@ -399,20 +406,12 @@ def test_rebalance_with_search_is_safe_within_budget_and_no_worse(seed):
 def test_search_moves_plan_is_safe_within_budget_and_no_worse(seed):
     from partitioner.rebalance import search_moves
 
-    rng = np.random.default_rng(670 + seed)
-    model, peers = _random_swarm(rng, 12, L=20)
-    pl = plan_placement(peers, model)
-    keep = [p for p in peers if rng.random() > 0.25]
-    rest = {p.peer_id: pl[p.peer_id] for p in keep}
+    model, keep, rest = _after_departures(670 + seed, 12, 20, leave=0.25)
     budget = max(1, int(0.3 * len(keep)))
     plan = search_moves(rest, keep, model, budget, budget=80)
     assert len({m.peer_id for m in plan.moves}) == len(plan.moves) <= budget
     assert check_plan(rest, plan, model.num_blocks) == []
-    for m in plan.moves:
-        p = next(q for q in keep if q.peer_id == m.peer_id)
-        assert m.new[1] - m.new[0] <= max_blocks(p, model)
-        if m.via is not None:
-            assert m.via[1] - m.via[0] <= max_blocks(p, model)
+    _assert_moves_fit_memory(plan, keep, model)
     end = plan.apply(rest)
     assert len(unserved_blocks(end, model.num_blocks)) <= len(unserved_blocks(rest, model.num_blocks))
     if not unserved_blocks(rest, model.num_blocks):
