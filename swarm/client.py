@@ -381,8 +381,8 @@ class InferenceSession:
             spans = [ServerSpan(r.peer_id, r.start, r.end, r.decode_sps, r.free_cache_tokens, rtt=rtts.get(r.peer_id))
                      for r in records.values()]
             random.shuffle(spans)  # equally good chains are picked at random, spreading sessions over replicas
+            need = self.batch_size * self.max_length
             try:
-                need = self.batch_size * self.max_length
                 if self.routing == "throughput" and (start, end) == (0, model.num_blocks):
                     banned = model._banned_ids()
                     roomy = [sp for sp in spans if sp.free_cache_tokens >= need and sp.peer_id not in banned]
@@ -406,6 +406,7 @@ class InferenceSession:
             except (NoRouteError, _PeerFailed) as e:
                 if isinstance(e, NoRouteError):
                     await model._check_model_served(started)
+                    _check_cache_budgets(list(records.values()), start, end, need, self.batch_size, self.max_length)
                 if time.monotonic() + delay > deadline:
                     if isinstance(e, NoRouteError):
                         if not model.seen_records:
@@ -937,6 +938,27 @@ class DistributedModelForCausalLM:
             if own_session:
                 session.close()
         return sequences
+
+
+def _check_cache_budgets(records: Sequence[PeerRecord], start: int, end: int, need: int, batch: int,
+                         max_length: int) -> None:
+    """:raises SwarmError: if live peers serve blocks ``[start, end)`` but no chain of them could hold a session of
+    ``need`` = ``batch x max_length`` KV-cache tokens per block even when idle (each peer's whole budget,
+    ``--max-cache-tokens``, is below it): waiting for cache room would not help."""
+    spans = [ServerSpan(r.peer_id, r.start, r.end, r.decode_sps, r.max_cache_tokens) for r in records]
+    try:
+        find_chain(spans, start, end)
+    except NoRouteError:
+        return  # some block has no live peer at all: worth waiting for one
+    try:
+        find_chain(spans, start, end, min_cache_tokens=need)
+    except NoRouteError:
+        most = max((r.max_cache_tokens for r in records if r.end > start and r.start < end), default=0)
+        raise SwarmError(
+            f"no peer serving blocks {start}:{end} can ever hold this session: it needs {batch} x {max_length} = "
+            f"{need} KV-cache tokens per block, and they hold at most {most} per block (their --max-cache-tokens); "
+            "use a shorter max_length or a smaller batch"
+        ) from None
 
 
 def _check_mask(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> None:

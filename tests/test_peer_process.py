@@ -167,12 +167,19 @@ def test_kv_cache_budget_is_enforced_and_freed(mha_model):
     with LocalSwarm(mha_model, spans=[(0, 4)], peer_args=["--max-cache-tokens", "64"]) as small:
         with DistributedModelForCausalLM.from_pretrained(mha_model, initial_peers=small.initial_peers,
                                                          retry_timeout=2.0) as client:
-            with pytest.raises(SwarmError, match="too little free KV cache"):
+            # more than the peer's whole budget: said at once, not after waiting for room (found by a user test: it
+            # waited the full retry time, saying meanwhile that no live peer served the blocks)
+            with pytest.raises(SwarmError, match="can ever hold this session.*--max-cache-tokens"):
                 client.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=100)
             # the peer itself refuses a session over its budget, whatever the client believes
             session = client.inference_session(max_length=40)
             session.hops = client.net.run(session._chain(0, 4, time.monotonic() + 10), timeout=30)
             session.step(client.embed_tokens(torch.tensor([[1, 2, 3]])))
+            deadline = time.time() + 20  # the reservation shows in the peer's next record
+            while time.time() < deadline and client.peers()[0].free_cache_tokens == 64:
+                time.sleep(0.3)
+            with pytest.raises(SwarmError, match="too little free KV cache"):  # fits the budget, not the room left
+                client.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=35)
             other = client.inference_session(max_length=40)
             from partitioner.route import Hop
             from swarm.client import _HopStream
