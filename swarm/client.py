@@ -425,7 +425,14 @@ class InferenceSession:
                     raise SwarmError(f"could not build a chain for blocks {start}:{end}: {e}") from e
                 model.stats["chain_retries"] += 1
                 log = logger.info if delay <= 0.2 else logger.debug  # say it once, not every retry
-                log("no usable chain for blocks %d:%d yet (%s); retrying until %.0fs have passed", start, end, e,
+                reason = e
+                if isinstance(e, NoRouteError):
+                    try:  # live peers serve the blocks, but are busy
+                        find_chain(spans, start, end, banned=model._banned_ids())
+                        reason = f"the peers serving them have too little free KV cache for {need} tokens per block"
+                    except NoRouteError:
+                        pass
+                log("no usable chain for blocks %d:%d yet (%s); retrying until %.0fs have passed", start, end, reason,
                     model.retry_timeout)
                 await asyncio.sleep(delay)
                 delay = min(delay * 1.5, 2.0)

@@ -1,6 +1,7 @@
 """The peer daemon as a process: clear errors, graceful leave, no process left behind."""
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -163,7 +164,7 @@ def verify_ok(value) -> bool:
         return False
 
 
-def test_kv_cache_budget_is_enforced_and_freed(mha_model):
+def test_kv_cache_budget_is_enforced_and_freed(mha_model, caplog):
     with LocalSwarm(mha_model, spans=[(0, 4)], peer_args=["--max-cache-tokens", "64"]) as small:
         with DistributedModelForCausalLM.from_pretrained(mha_model, initial_peers=small.initial_peers,
                                                          retry_timeout=2.0) as client:
@@ -178,8 +179,11 @@ def test_kv_cache_budget_is_enforced_and_freed(mha_model):
             deadline = time.time() + 20  # the reservation shows in the peer's next record
             while time.time() < deadline and client.peers()[0].free_cache_tokens == 64:
                 time.sleep(0.3)
-            with pytest.raises(SwarmError, match="too little free KV cache"):  # fits the budget, not the room left
-                client.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=35)
+            with caplog.at_level(logging.INFO, logger="swarm.client"):
+                with pytest.raises(SwarmError, match="too little free KV cache"):  # fits the budget, not the room
+                    client.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=35)
+            # while it waits, it says why (it used to say that no live peer served the blocks)
+            assert "have too little free KV cache for 38 tokens per block" in caplog.text, caplog.text[-2000:]
             other = client.inference_session(max_length=40)
             from partitioner.route import Hop
             from swarm.client import _HopStream
