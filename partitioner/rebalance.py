@@ -160,20 +160,16 @@ def plan_rebalance(peers: Sequence[PeerSpec], model: ModelSpec, placement: Place
         fills = bool((count[s:s + k] <= 0).any())
         return L * (new_min - old_min) + (old_def - new_def), s, k, fills
 
-    if search_budget > 0:
+    if search_budget > 0 or beam_budget > 0:
         start = dict(cur)
-        greedy = plan_rebalance(peers, model, placement, max_moves=max_moves, min_gain=min_gain, settle=settle,
-                                evaluate=evaluate, shortlist=shortlist)
-        best = _improve_with_search(greedy, start, peers, model, target, max_moves, search_budget, seed)
+        best = plan_rebalance(peers, model, placement, max_moves=max_moves, min_gain=min_gain, settle=settle,
+                              evaluate=evaluate, shortlist=shortlist)
+        if search_budget > 0:
+            best = _improve_with_search(best, start, peers, model, target, max_moves, search_budget, seed)
         if beam_budget > 0:
             best = _best_plan([best, search_moves(start, peers, model, max_moves, beam=beam, budget=beam_budget,
                                                   min_gain=min_gain)], start, peers, model)
         return best
-    if beam_budget > 0:
-        greedy = plan_rebalance(peers, model, placement, max_moves=max_moves, min_gain=min_gain, settle=settle,
-                                evaluate=evaluate, shortlist=shortlist)
-        return _best_plan([greedy, search_moves(dict(cur), peers, model, max_moves, beam=beam, budget=beam_budget,
-                                                min_gain=min_gain)], dict(cur), peers, model)
     if evaluate is not None:
         return _plan_with_evaluator(plan, cur, curves, prof, count, h_of, target, L, max_moves, min_gain, settle,
                                     evaluate, shortlist)

@@ -84,21 +84,15 @@ class _Network:
             future.cancel()
             raise
 
-    async def records(self, model_uid: str) -> List[PeerRecord]:
+    async def records(self, model_uid: str, any_version: bool = False) -> List[PeerRecord]:
+        """The verified records of ``model_uid``'s peers (of this protocol version unless ``any_version``)."""
         found = await self.dht.get(model_key(model_uid), latest=True)
         if found is None or not isinstance(found.value, dict):
             return []
         return [
             r for r in parse_records(found.value)
-            if r.model == model_uid and r.version == PROTOCOL_VERSION
+            if r.model == model_uid and (any_version or r.version == PROTOCOL_VERSION)
         ]
-
-    async def has_any_record(self, model_uid: str) -> bool:
-        """Whether the DHT holds any verified record of ``model_uid`` (any state or protocol version)."""
-        found = await self.dht.get(model_key(model_uid), latest=True)
-        if found is None or not isinstance(found.value, dict):
-            return False
-        return any(r.model == model_uid for r in parse_records(found.value))
 
     async def served_models(self, limit: int = 16) -> Dict[str, int]:
         """The models the swarm's index lists (:data:`MODELS_KEY`), at most ``limit``, each with its number of
@@ -368,10 +362,7 @@ class InferenceSession:
         model, net = self.model, self.model.net
         delay, started = 0.2, time.monotonic()
         while True:
-            found = await net.records(model.model_uid)
-            model.seen_records = model.seen_records or bool(found)
-            records = {r.peer_id: r for r in found if r.state == "online"}
-            model._unban_restarted(records.values())
+            records = await model._online_records()
             candidates = [r for r in records.values() if r.peer_id not in model._banned_ids()
                           and r.end > start and r.start < end]
             rtts = await net.rtts(candidates)
@@ -404,34 +395,31 @@ class InferenceSession:
                     _link_for_push(hops)
                 return hops
             except (NoRouteError, _PeerFailed) as e:
+                busy = False  # live peers serve the blocks, but without room for this session's KV cache
                 if isinstance(e, NoRouteError):
                     await model._check_model_served(started)
                     _check_cache_budgets(list(records.values()), start, end, need, self.batch_size, self.max_length)
+                    try:
+                        find_chain(spans, start, end, banned=model._banned_ids())
+                        busy = True
+                    except NoRouteError:
+                        pass
                 if time.monotonic() + delay > deadline:
                     if isinstance(e, NoRouteError):
-                        if not model.seen_records:
-                            unserved = await model._unserved_model_error(waited=model.retry_timeout)
-                            if unserved is not None:
-                                raise unserved from e
-                        try:  # served, but without room for this session's KV cache?
-                            find_chain(spans, start, end, banned=model._banned_ids())
+                        unserved = await model._unserved_after_wait()
+                        if unserved is not None:
+                            raise unserved from e
+                        if busy:
                             raise SwarmError(
                                 f"the peers serving blocks {start}:{end} have too little free KV cache for "
                                 f"{self.batch_size} x {self.max_length} tokens; try a shorter max_length or later"
                             ) from e
-                        except NoRouteError:
-                            pass
                         raise SwarmError(f"{e} (waited {model.retry_timeout:.0f}s for a peer)") from e
                     raise SwarmError(f"could not build a chain for blocks {start}:{end}: {e}") from e
                 model.stats["chain_retries"] += 1
                 log = logger.info if delay <= 0.2 else logger.debug  # say it once, not every retry
-                reason = e
-                if isinstance(e, NoRouteError):
-                    try:  # live peers serve the blocks, but are busy
-                        find_chain(spans, start, end, banned=model._banned_ids())
-                        reason = f"the peers serving them have too little free KV cache for {need} tokens per block"
-                    except NoRouteError:
-                        pass
+                reason = (f"the peers serving them have too little free KV cache for {need} tokens per block"
+                          if busy else e)
                 log("no usable chain for blocks %d:%d yet (%s); retrying until %.0fs have passed", start, end, reason,
                     model.retry_timeout)
                 await asyncio.sleep(delay)
@@ -624,6 +612,20 @@ class DistributedModelForCausalLM:
             if ban is not None and r.timestamp > ban[0] + 0.5:
                 del self._bans[r.peer_id]
 
+    async def _online_records(self) -> Dict[str, PeerRecord]:
+        """The online peers' records of this model by peer id (noting that some record of it was seen, and lifting
+        the bans of peers that restarted since)."""
+        found = await self.net.records(self.model_uid)
+        self.seen_records = self.seen_records or bool(found)
+        records = {r.peer_id: r for r in found if r.state == "online"}
+        self._unban_restarted(records.values())
+        return records
+
+    async def _unserved_after_wait(self) -> Optional[SwarmError]:
+        """After ``retry_timeout`` without a route: :meth:`_unserved_model_error`'s error if this client never saw a
+        record of its model, else None."""
+        return None if self.seen_records else await self._unserved_model_error(waited=self.retry_timeout)
+
     async def _unserved_model_error(self, waited: Optional[float] = None) -> Optional[SwarmError]:
         """If the DHT holds no record at all of this model, an error that names the models the swarm does serve
         (with ``waited``, the seconds spent waiting, also when it serves none); else None.
@@ -631,7 +633,7 @@ class DistributedModelForCausalLM:
         Without ``waited`` the error is only returned if other models are served: then no peer of this model has
         even joined (a joining peer announces itself before loading its blocks), so waiting would not help.
         """
-        if await self.net.has_any_record(self.model_uid):
+        if await self.net.records(self.model_uid, any_version=True):
             return None
         served = await self.net.served_models()
         served.pop(self.model_uid, None)
@@ -764,10 +766,7 @@ class DistributedModelForCausalLM:
         skip: set = set()  # peers that refused this call's request (not banned)
         delay, last_error, started = 0.2, None, time.monotonic()
         while True:
-            found = await self.net.records(self.model_uid)
-            self.seen_records = self.seen_records or bool(found)
-            records = {r.peer_id: r for r in found if r.state == "online"}
-            self._unban_restarted(records.values())
+            records = await self._online_records()
             banned = self._banned_ids()
             spans = [ServerSpan(r.peer_id, r.start, r.end, r.forward_tps) for r in records.values()
                      if r.peer_id not in banned]
@@ -778,7 +777,7 @@ class DistributedModelForCausalLM:
                     raise SwarmError(f"forward: no chain avoids the peers that refused the request ({last_error})") from e
                 await self._check_model_served(started)
                 if time.monotonic() + delay > deadline:
-                    unserved = None if self.seen_records else await self._unserved_model_error(waited=self.retry_timeout)
+                    unserved = await self._unserved_after_wait()
                     if unserved is not None:
                         raise unserved from e
                     raise SwarmError(f"forward: {last_error or e} (waited {self.retry_timeout:.0f}s for a peer)") from e
@@ -871,8 +870,8 @@ class DistributedModelForCausalLM:
         :returns: ``[batch, prompt_tokens + generated]`` token ids (fewer than ``max_new_tokens`` if every
             sequence reached an end-of-sequence token; finished sequences are filled with ``pad_token_id``)
         :raises ValueError: if ``max_new_tokens`` is below 1, ``attention_mask`` is not shaped like ``input_ids``,
-            the prompt plus ``max_new_tokens`` is longer than the session's max_length (or, for a new session, the model's ``max_position_embeddings``), or an unknown
-            ``routing``
+            the prompt plus ``max_new_tokens`` is longer than the session's max_length (or, for a new session, the
+            model's ``max_position_embeddings``), or an unknown ``routing``
         :raises SwarmError: if the swarm cannot serve the request
         """
         _check_count("max_new_tokens", max_new_tokens)
