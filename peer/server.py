@@ -160,6 +160,7 @@ class Peer:
         self.leaving = asyncio.Event()
         self.daemon_lost = asyncio.Event()  # its libp2p daemon exited: nobody can reach this peer any more
         self._tasks: List[asyncio.Task] = []
+        self._rejoin_task: Optional[asyncio.Task] = None
         self.p2p = self.dht = None
         self._identity_file: Optional[str] = None
         self.steps_received = 0
@@ -447,6 +448,15 @@ class Peer:
                     logger.warning("could not store this peer's DHT record; retrying in %.0fs", self.opts.record_ttl / 3)
             except Exception as e:
                 logger.warning("announce failed: %s", e)
+            if self.opts.initial_peers and (self._rejoin_task is None or self._rejoin_task.done()):
+                # in the background: an unreachable bootstrap node must not delay the next announcement
+                self._rejoin_task = asyncio.create_task(self._rejoin_initial_peers())
+
+    async def _rejoin_initial_peers(self) -> None:
+        try:
+            await rejoin_initial_peers(self.dht, self.opts.initial_peers)
+        except Exception as e:
+            logger.debug("could not re-join the initial peers: %r", e)
 
     async def shutdown(self) -> None:
         """Announce offline, end every session with a 'moved' error, and stop the transport."""
@@ -457,7 +467,7 @@ class Peer:
         logger.info("peer %s leaving: announcing offline and closing %d session%s", self.peer_id, n, "" if n == 1 else "s")
         self.state = "offline"
         self.leaving.set()
-        for t in self._tasks:
+        for t in self._tasks + ([self._rejoin_task] if self._rejoin_task is not None else []):
             t.cancel()
         # p2pd runs in its own session (protocols.transport.create_p2p), so a signal to this process's group leaves it
         # running; if it died anyway (killed on its own), calls into it would only time out: skip them
@@ -865,6 +875,37 @@ class Peer:
                 raise PeerLeaving(f"peer {self.peer_id} moved to blocks {self.start_block}:{self.end_block}; "
                                   "continue on another peer")
             raise SessionIdle(f"session closed after {timeout:.0f}s without a request")
+
+
+async def rejoin_initial_peers(node, initial_peers: List[str], timeout: float = 3.0) -> List[str]:
+    """Ping each of ``initial_peers`` (multiaddrs ending in ``/p2p/<peer id>``) that the DHT node's routing table
+    no longer holds, e.g. a bootstrap node that was restarted: hivemind drops a node that stops answering and never
+    asks it again. A node that answers is back in the routing table and adds this one to its own, so the next
+    announcement stores the peer's record with it too and a client that bootstraps only from it finds the peer.
+
+    :param node: a running ``hivemind.dht.DHTNode``
+    :returns: the peer ids (base58) that answered and were added back
+    """
+    from hivemind.utils.multiaddr import Multiaddr
+
+    protocol, back = node.protocol, []
+    wanted = {}
+    for maddr in initial_peers:
+        try:
+            wanted[PeerID.from_base58(Multiaddr(maddr)["p2p"])] = maddr
+        except Exception:  # an address without a peer id: nothing to check
+            continue
+    lost = [pid for pid in wanted if pid != node.peer_id and protocol.routing_table.get(peer_id=pid) is None]
+    if not lost:
+        return back
+    answers = await asyncio.gather(*(asyncio.wait_for(protocol.call_ping(pid), timeout) for pid in lost),
+                                   return_exceptions=True)
+    for peer_id, node_id in zip(lost, answers):
+        if node_id is not None and not isinstance(node_id, BaseException):
+            node.blacklist.register_success(peer_id)
+            back.append(peer_id.to_base58())
+            logger.info("initial peer %s answers again: re-joined it", wanted[peer_id])
+    return back
 
 
 async def _bounded(coro, timeout: float, what: str) -> None:

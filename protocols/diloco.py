@@ -468,7 +468,8 @@ class OuterStepReport:
     :param pseudo_grad_norm: L2 norm of the averaged pseudo-gradient
     :param error: an unexpected failure of the all-reduce (the step then used this peer's pseudo-gradient alone)
     :param retries: rounds redone because a groupmate vanished mid-all-reduce
-    :param note: e.g. that nobody else joined by the deadline, so this peer stepped alone
+    :param note: e.g. that nobody else joined by the deadline, or that the groupmates failed mid-all-reduce and
+      none was left to redo the round with, so this peer stepped alone (a recovered round, not an error)
     """
 
     outer_step: int
@@ -635,16 +636,26 @@ class DiLoCoSync:
                 if gathered and failed:
                     # a groupmate vanished mid-round: parts of our result are un-averaged. Every survivor sees
                     # the same failure, so all redo the round from their own pseudo-gradients without it.
-                    error = f"attempt {attempt}: {failed} groupmate(s) failed during the all-reduce; retrying"
-                    logger.warning(error)
                     with self.averager.get_tensors() as buffers:
                         for b, x in zip(buffers, local):
                             b.copy_(x)
                     expected_group = max(1, len(gathered) - failed)
                     deadline = get_dht_time() + cfg.min_wait + cfg.slack
                     if expected_group == 1:
-                        gathered = None
+                        # nobody left to redo it with: step alone (an expected outcome of a groupmate dying, not an
+                        # error; a peer that fell out of the main group downloads its state at the next step)
+                        gathered, error = None, ""
+                        note = (f"{failed} groupmate(s) failed during the all-reduce and no other peer was left: "
+                                "stepped alone")
+                        logger.warning("outer step %d: %s", self.outer_step_count + 1, note)
                         break
+                    if attempt + 1 >= 3:
+                        gathered = None
+                        error = f"groupmates failed during the all-reduce in {attempt + 1} attempts: stepped alone"
+                        logger.warning("outer step %d: %s", self.outer_step_count + 1, error)
+                        break
+                    error = f"attempt {attempt}: {failed} groupmate(s) failed during the all-reduce; retrying"
+                    logger.warning(error)
                     attempt += 1
                     continue
                 if (not gathered and "could not find a group" in error and expected_group is not None
@@ -668,7 +679,7 @@ class DiLoCoSync:
                     error = f"groupmates at outer steps {sorted(map(str, steps))}"
                 new_score = group_size + group_tiebreak([pid.to_bytes() for pid in gathered])
             else:
-                if not error or "could not find a group" in error:
+                if not note and (not error or "could not find a group" in error):
                     note, error = "nobody else joined by the deadline: stepped alone", ""
                 with self.averager.get_tensors() as buffers:  # step alone with our own pseudo-gradient
                     for b, x in zip(buffers, local):

@@ -103,3 +103,31 @@ class Identity:
         except (OSError, ValueError) as e:
             text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             raise ValueError(f"identity {path}: {text}") from e
+
+
+_HELD_LOCKS: list = []  # open key files whose locks this process holds until it exits
+
+
+def lock_identity(path: str) -> None:
+    """Take an exclusive lock on the key file at ``path`` for the rest of this process's life (``flock``: the
+    kernel drops it when the process exits, even on SIGKILL; the libp2p daemon does not inherit it).
+
+    Two processes with one key are one libp2p peer id: libp2p accepts that without a word, and the swarm then mixes
+    them up (connections reach either, each one's DHT record overwrites the other's). A second peer or DHT node
+    started with a key file that a running one on this machine holds is refused instead.
+
+    :raises ValueError: if another process holds the key, or the file cannot be opened; the message names the path
+    """
+    import fcntl
+
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ValueError(f"identity {path}: {e.strerror or e}") from e
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ValueError(f"identity {path} is already used by another running peer or DHT node on this machine; "
+                         "two processes with one key would share one peer id: give each its own --identity") from None
+    _HELD_LOCKS.append(f)

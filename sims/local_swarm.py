@@ -144,6 +144,8 @@ class LocalSwarm:
     :param peer_args: extra ``swarm peer`` options for every peer (or a list of lists, one per peer)
     :param log_dir: where each process's log goes (default: a new temporary folder, removed at stop unless
         ``keep_logs``)
+    :param host: the IP address the bootstrap node and the peers listen on (a peer's own ``--host-maddrs`` in
+        ``peer_args`` wins)
     """
 
     def __init__(
@@ -159,9 +161,11 @@ class LocalSwarm:
         ready_timeout: float = 120.0,
         num_threads: Optional[int] = 1,
         keep_logs: bool = False,
+        host: str = "127.0.0.1",
     ):
         from protocols.model_spec import Checkpoint
 
+        self.listen_maddr = listen_maddr(host)
         self.model = model
         self.num_blocks = Checkpoint(model).num_blocks
         self.spans = list(spans) if spans is not None else default_spans(self.num_blocks, num_peers, blocks_per_peer)
@@ -191,7 +195,8 @@ class LocalSwarm:
         _ensure_reaper(start_reaper)  # if this process is SIGKILLed, its peers go with it
         t0 = time.perf_counter()
         try:
-            self.dht = _Child("dht", self._swarm_cmd() + ["dht"], os.path.join(self.log_dir, "dht.log"), self.env, "DHT_READY")
+            self.dht = _Child("dht", self._swarm_cmd() + ["dht", "--host-maddrs", self.listen_maddr],
+                              os.path.join(self.log_dir, "dht.log"), self.env, "DHT_READY")
             self._wait([self.dht], t0)
             self.initial_peers = self.dht.ready_line.split()[1:]
             for i in range(len(self.spans)):
@@ -210,7 +215,8 @@ class LocalSwarm:
                 extra = extra[i] if i < len(extra) else []
         span = self.spans[i]
         where = ["--num-blocks", str(span)] if isinstance(span, int) else ["--blocks", f"{span[0]}:{span[1]}"]
-        argv = self._swarm_cmd() + ["peer", "--model", self.model, *where, "--initial-peers", *self.initial_peers]
+        argv = self._swarm_cmd() + ["peer", "--model", self.model, *where, "--initial-peers", *self.initial_peers,
+                                    "--host-maddrs", self.listen_maddr]
         if self.num_threads:
             argv += ["--num-threads", str(self.num_threads)]
         return argv + list(extra)
@@ -283,20 +289,38 @@ def _exit_text(code: Optional[int]) -> str:
     return f"code {code}"
 
 
+def listen_maddr(host: str) -> str:
+    """The listen multiaddr (any free TCP port) of IP address ``host``.
+
+    :raises ValueError: if ``host`` is not an IPv4 or IPv6 address
+    """
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"--host must be an IP address such as 127.0.0.1 or 0.0.0.0, got {host!r}") from None
+    return f"/ip{ip.version}/{ip}/tcp/0"
+
+
 def run_sim_up(model: str, num_peers: int, blocks_per_peer: Optional[int] = None, host: str = "127.0.0.1",
-               extra_peer_args: Sequence[str] = ()) -> int:
+               extra_peer_args: Sequence[str] = (), log_dir: Optional[str] = None, keep_logs: bool = False) -> int:
     """``swarm sim up``: start a local swarm, print its address, run until Ctrl-C or SIGTERM.
 
     A process that exits meanwhile (a crash, or a peer stopped on purpose to watch the swarm recover) is reported
     in one line and the rest keep running; the simulation ends by itself only when every process has exited
     (exit code 1). Ctrl-C, SIGTERM or SIGHUP stop every process (exit code 0).
+
+    The processes' logs go to ``log_dir`` (kept), or else to a temporary folder that is removed at exit unless
+    ``keep_logs``.
     """
     swarm = LocalSwarm(model, num_peers, blocks_per_peer=blocks_per_peer, peer_args=list(extra_peer_args),
-                       keep_logs=True)
+                       log_dir=log_dir, keep_logs=keep_logs, host=host)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"starting a bootstrap node and {num_peers} peers on {host} (logs in {swarm.log_dir})", flush=True)
+    kept = "" if log_dir or keep_logs else ", removed at exit unless --keep-logs"
+    print(f"starting a bootstrap node and {num_peers} peers on {host} (logs in {swarm.log_dir}{kept})", flush=True)
     try:
         try:
             swarm.start()

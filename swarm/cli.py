@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -80,10 +81,39 @@ def _blocks(text: str):
     try:
         start, end = (int(x) for x in text.split(":"))
     except ValueError:
-        raise argparse.ArgumentTypeError("--blocks takes START:END, e.g. 0:4")
-    if start < 0 or end <= start:
+        raise argparse.ArgumentTypeError(f"takes START:END, e.g. 0:4, got {text!r}")
+    if start < 0 or end < 0:
+        raise argparse.ArgumentTypeError(f"blocks are numbered from 0: START:END with 0 <= START < END, got {text}")
+    if end <= start:
         raise argparse.ArgumentTypeError(f"{text} is an empty or reversed span: START:END with 0 <= START < END")
     return start, end
+
+
+_SPAN_LIKE = re.compile(r"^-\d*:-?\d*$")
+
+
+def _join_negative_spans(argv: List[str]) -> List[str]:
+    """``--blocks -1:3`` as ``--blocks=-1:3``: argparse takes a value starting with ``-`` for an option and would
+    only say "expected one argument"; joined, the value reaches :func:`_blocks`, which says what is wrong."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--blocks" and i + 1 < len(argv) and _SPAN_LIKE.match(argv[i + 1]):
+            out.append(f"--blocks={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LOG_LEVELS)} (any case), got {text!r}")
+    return level
 
 
 # ------------------------------------------------------------------------------------------------ dht
@@ -100,10 +130,11 @@ def cmd_dht(args) -> int:
     from protocols.transport import PortInUseError, create_dht_node, create_p2p, start_reaper
 
     if args.identity:  # an Ed25519 key like a peer's (the daemon itself would create an RSA key)
-        from protocols.identity import Identity
+        from protocols.identity import Identity, lock_identity
 
         try:
             Identity.load_or_create(args.identity)
+            lock_identity(args.identity)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -148,6 +179,11 @@ def cmd_peer(args) -> int:
 
     try:
         _check_device(args.device)
+        if args.identity:  # a key file serves one running process: refuse a second one with the same peer id
+            from protocols.identity import Identity, lock_identity
+
+            Identity.load_or_create(args.identity)
+            lock_identity(args.identity)
         opts = PeerOptions(
             model=resolve_model(args.model), blocks=args.blocks, num_blocks=args.num_blocks,
             initial_peers=args.initial_peers, new_swarm=args.new_swarm, host_maddrs=args.host_maddrs,
@@ -181,11 +217,49 @@ def cmd_generate(args) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except P2PDaemonError as e:
-        print(f"\nerror: cannot reach the swarm at {' '.join(args.initial_peers)}: {e}", file=sys.stderr)
+        print(f"error: cannot reach the swarm at {' '.join(args.initial_peers)}: {_one_line(e)}", file=sys.stderr)
         return 2
     except (SwarmError, ModelSpecError, ValueError) as e:
-        print(f"\nerror: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _streamer(tokenizer):
+    """A ``TextStreamer`` that prints the prompt only together with the first generated text: a generation that
+    fails before its first token leaves stdout empty (the error is one line on stderr), and one that fails later
+    leaves the text generated so far, its line ended."""
+    from transformers import TextStreamer
+
+    class PromptHoldingStreamer(TextStreamer):
+        def __init__(self):
+            super().__init__(tokenizer, skip_special_tokens=True)
+            self.puts = 0
+            self.held = ""
+
+        def put(self, value):
+            self.puts += 1  # the first put is the prompt
+            super().put(value)
+
+        def end(self):
+            if self.puts <= 1:  # nothing was generated: drop the prompt instead of printing it
+                self.token_cache, self.print_len, self.held, self.puts = [], 0, "", 0
+                self.next_tokens_are_prompt = True
+                return
+            super().end()
+            self.puts, self.held = 0, ""
+
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            if self.puts <= 1 and not stream_end:
+                self.held += text
+                return
+            text, self.held = self.held + text, ""
+            print(text, flush=True, end="" if not stream_end else None)
+
+    return PromptHoldingStreamer()
 
 
 def _generate(args) -> int:
@@ -224,9 +298,7 @@ def _generate(args) -> int:
     model = DistributedModelForCausalLM.from_pretrained(model_path, initial_peers=args.initial_peers)
     streamer = None
     if not args.json and len(prompts) == 1:
-        from transformers import TextStreamer
-
-        streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+        streamer = _streamer(tokenizer)
     try:
         t0 = time.perf_counter()
         out = model.generate(
@@ -271,7 +343,7 @@ def cmd_sim(args) -> int:
     try:
         return run_sim_up(
             model=resolve_model(args.model), num_peers=args.peers, blocks_per_peer=args.blocks_per_peer,
-            host=args.host, extra_peer_args=args.peer_args or [],
+            host=args.host, extra_peer_args=args.peer_args or [], log_dir=args.log_dir, keep_logs=args.keep_logs,
         )
     except (ModelSpecError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -289,7 +361,8 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swarm", description="Run and use a peer-to-peer swarm serving an LLM.")
-    parser.add_argument("--log-level", default=os.environ.get("SWARM_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", type=_log_level, default=os.environ.get("SWARM_LOG_LEVEL", "INFO"),
+                        metavar="{" + ",".join(LOG_LEVELS) + "}", help="log level (default: $SWARM_LOG_LEVEL or INFO)")
     # every command's --help shows each option's default
     with_defaults = functools.partial(argparse.ArgumentParser, formatter_class=_DefaultsHelp)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=with_defaults)
@@ -344,12 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="local path or Hugging Face hub id (default: the embedded model)")
     p.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of any peers of the swarm")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate per prompt")
     p.add_argument("--greedy", action="store_true", help="greedy decoding even if sampling options are given")
     p.add_argument("--temperature", type=_number(0), default=None, help="sample with this temperature (0: greedy)")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=_number(0, 1, low_open=True, high_closed=True), default=None, help="sample from the smallest set of this probability")
-    p.add_argument("--repetition-penalty", type=float, default=None, help="penalize tokens already generated")
+    p.add_argument("--repetition-penalty", type=_number(0, low_open=True), default=None,
+                   help="penalize tokens already generated (1: no penalty)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler")
     p.add_argument("--json", action="store_true",
                    help='print one JSON object: {"results": [{"prompt", "prompt_ids", "new_ids", "text"}, ...] (one '
@@ -362,7 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--peers", type=_positive_int, default=3, help="number of peers")
     up.add_argument("--model", default=None, help="local path or hub id (default: the embedded model)")
     up.add_argument("--blocks-per-peer", type=_positive_int, default=None, help="blocks each peer holds (default: spread evenly)")
-    up.add_argument("--host", default="127.0.0.1", help="address the peers listen on")
+    up.add_argument("--host", default="127.0.0.1",
+                    help="IP address the bootstrap node and the peers listen on (0.0.0.0: every interface)")
+    up.add_argument("--log-dir", default=None, help="write the processes' logs to this folder (kept after exit)")
+    up.add_argument("--keep-logs", action="store_true",
+                    help="keep the temporary log folder after exit (by default it is removed)")
     up.add_argument("--peer-args", nargs=argparse.REMAINDER, help="extra options for every peer")
     up.set_defaults(func=cmd_sim)
     from swarm.train_cli import register as register_train
@@ -372,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_spans(list(sys.argv[1:] if argv is None else argv)))
     _setup_logging(args.log_level)
     return int(args.func(args) or 0)
 

@@ -79,3 +79,75 @@ def test_sim_up_reports_a_peer_that_exits_at_once_in_one_line(mha_model):
     assert proc.returncode == 2, (proc.stdout, err)
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert err.startswith("error: peer0 exited with code 2") and "unrecognized arguments: --bogus" in err, err
+
+
+PEER = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWSq7mDhKjPFWuW8XVVxvnLk2uBLvCujEge1c8B8cYNo6G"
+
+
+@pytest.mark.parametrize("argv,message", [
+    # found by users: these were checked only after joining the swarm (or not at all)
+    (["generate", "--initial-peers", PEER, "--prompt", "hi", "--top-k", "0"], "argument --top-k: must be at least 1"),
+    (["generate", "--initial-peers", PEER, "--prompt", "hi", "--top-k", "-3"], "argument --top-k: must be at least 1"),
+    (["generate", "--initial-peers", PEER, "--prompt", "hi", "--repetition-penalty", "0"],
+     "argument --repetition-penalty: must be above 0"),
+    (["generate", "--initial-peers", PEER, "--prompt", "hi", "--repetition-penalty", "nan"],
+     "argument --repetition-penalty: must be above 0"),
+    (["generate", "--initial-peers", PEER, "--prompt", "hi", "--max-new-tokens", "0"],
+     "argument --max-new-tokens: must be at least 1"),
+    (["--log-level", "FOO", "generate", "--initial-peers", PEER, "--prompt", "hi"],
+     "argument --log-level: must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    # said "argument --blocks: expected one argument"
+    (["peer", "--new-swarm", "--blocks", "-1:3"], "argument --blocks: blocks are numbered from 0"),
+    (["peer", "--new-swarm", "--blocks=-1:3"], "argument --blocks: blocks are numbered from 0"),
+    (["peer", "--new-swarm", "--blocks", "a:b"], "argument --blocks: takes START:END"),
+])
+def test_bad_options_are_refused_while_parsing(argv, message, capsys, monkeypatch):
+    import swarm.cli as cli
+
+    def no_network(*_, **__):
+        raise AssertionError("the command ran")
+    monkeypatch.setattr(cli, "cmd_generate", no_network)
+    monkeypatch.setattr(cli, "cmd_peer", no_network)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.strip().splitlines()[-1].startswith("swarm"), err
+
+
+def test_log_level_names_are_case_insensitive():
+    from swarm.cli import build_parser
+
+    assert build_parser().parse_args(["--log-level", "debug", "sim", "up"]).log_level == "DEBUG"
+
+
+def test_a_key_file_in_use_by_a_running_process_is_refused(mha_model, tmp_path):
+    """Found by a user: two peers started with one --identity ran side by side without a word (libp2p accepts two
+    daemons with one peer id; the swarm then mixes them up). The second now refuses to start, in one line."""
+    key = tmp_path / "shared.key"
+    first = subprocess.Popen([sys.executable, "-m", "swarm.cli", "dht", "--identity", str(key)], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in first.stdout:
+            if line.startswith("DHT_READY"):
+                break
+        assert first.poll() is None
+        for argv in (["peer", "--model", mha_model, "--new-swarm", "--identity", str(key)],
+                     ["dht", "--identity", str(key)]):
+            second = subprocess.run([sys.executable, "-m", "swarm.cli", *argv], cwd=ROOT, capture_output=True,
+                                    text=True, timeout=60)
+            err = second.stderr.strip()
+            assert second.returncode == 2, (argv, second.returncode, err[-500:])
+            assert err.startswith("error:") and len(err.splitlines()) == 1 and "already used" in err, err
+            assert str(key) in err
+    finally:
+        first.terminate()
+        first.wait(timeout=20)
+        first.stdout.close()
+    # once the first one has exited, the key is free again
+    from protocols.identity import lock_identity
+    import protocols.identity as identity
+
+    lock_identity(str(key))
+    identity._HELD_LOCKS.pop().close()

@@ -322,6 +322,79 @@ def test_a_model_the_swarm_does_not_serve_is_named_at_once(swarm, mha_model, gqa
     assert "Traceback" not in err
 
 
+def test_a_failed_generate_prints_one_error_line_and_nothing_on_stdout(swarm, mha_model, tmp_path, capsys):
+    """Found by a user: a failed ``swarm generate`` printed the prompt (streamed) on stdout and a blank line before
+    its ``error:`` line. Now stdout stays empty and the error is one line; a generation that works still streams
+    the prompt and the new text."""
+    import shutil
+
+    from swarm.cli import main
+
+    renamed = tmp_path / "another-name"
+    shutil.copytree(mha_model, renamed)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(renamed), "--initial-peers", *swarm.initial_peers,
+                 "--prompt", "hello there"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "", captured.out
+    assert captured.err.startswith("error: no peer serves model") and captured.err.count("\n") == 1, captured.err
+    assert main(["generate", "--model", mha_model, "--initial-peers", *swarm.initial_peers, "--prompt", "hello there",
+                 "--max-new-tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("hello there") and captured.out.endswith("\n"), captured.out
+    assert len(captured.out) > len("hello there\n") and "tokens/s" in captured.err
+
+
+def _start_until(argv, marker, timeout=120):
+    proc = subprocess.Popen(_swarm_cmd(*argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    for line in proc.stdout:
+        if line.startswith(marker):
+            return proc, line.split()[1:]
+        if time.time() > deadline:
+            break
+    raise AssertionError(f"{argv[0]} did not print {marker} (exit code {proc.poll()})")
+
+
+def test_peers_rejoin_a_restarted_bootstrap_node(mha_model, tmp_path):
+    """Found by a user: after the bootstrap node was restarted (same address and key), a client that bootstrapped
+    only from it never found the running peers: the peers' DHT had dropped the node and never asked it again. A
+    peer now pings initial peers missing from its routing table at each announcement."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dht_argv = ["dht", "--identity", str(tmp_path / "dht.key"), "--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}"]
+    procs = []
+    try:
+        dht, maddrs = _start_until(dht_argv, "DHT_READY")
+        procs.append(dht)
+        peer, _ = _start_until(["peer", "--model", mha_model, "--blocks", "0:4", "--initial-peers", *maddrs,
+                                "--record-ttl", "3", "--throughput", "100", "--num-threads", "1"], "PEER_READY")
+        procs.append(peer)
+        dht.terminate()
+        dht.wait(20)
+        time.sleep(2)  # the peer's announcements fail to reach the node meanwhile: its DHT drops the node
+        dht, again = _start_until(dht_argv, "DHT_READY")
+        procs.append(dht)
+        assert again == maddrs
+        t0 = time.time()
+        with DistributedModelForCausalLM.from_pretrained(mha_model, initial_peers=maddrs) as client:
+            while not client.peers() and time.time() - t0 < 15:
+                time.sleep(0.5)
+            assert client.peers(), "a client of the restarted bootstrap node does not find the peer"
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            proc.stdout.close()
+
+
 def test_generate_json_has_one_shape(swarm, mha_model, capsys):
     """Found by a user test: ``swarm generate --json`` printed a bare result for one prompt and
     ``{"results": [...]}`` for several. It is always ``{"results": [...], "seconds", "tokens_per_s"}``."""
@@ -387,6 +460,39 @@ def test_sim_up_keeps_running_when_a_peer_exits(mha_model):
     while _alive(everything) and time.time() < deadline:
         time.sleep(0.2)
     assert not _alive(everything), [c.cmdline() for c in _alive(everything)]
+
+
+def test_sim_up_listens_on_host_and_removes_its_logs(mha_model):
+    """Found by users: ``swarm sim up --host`` was ignored (everything listened on 127.0.0.1) and every run left
+    its log folder in /tmp. Both now work: the swarm listens on --host, and the logs go at exit unless
+    --keep-logs or --log-dir."""
+    import re
+
+    proc = subprocess.Popen(
+        _swarm_cmd("sim", "up", "--model", mha_model, "--peers", "1", "--host", "127.0.0.2"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("press Ctrl-C"):
+                break
+        text = "".join(lines)
+        assert proc.poll() is None, text
+        log_dir = re.search(r"logs in (\S+?), removed at exit", text).group(1)
+        peers_line = next(line for line in lines if line.startswith("initial peers:"))
+        assert "/ip4/127.0.0.2/tcp/" in peers_line and "127.0.0.1" not in peers_line, peers_line
+        with open(os.path.join(log_dir, "peer0.log")) as f:
+            assert "listening on /ip4/127.0.0.2/tcp/" in f.read()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0 and "stopped" in out, out
+    assert not os.path.exists(log_dir), os.listdir(log_dir)
 
 
 def test_bad_options_fail_before_joining(mha_model):

@@ -138,7 +138,14 @@ def test_peers_die_and_join_without_losing_an_outer_step(tiny_model, swarm_home,
     assert joins and joins[0]["bytes_received"] > 0, "the newcomer did not download the swarm's state"
     outer_c = _outer_events(tmp_path / "c")
     assert outer_c and outer_c[-1]["outer_step"] == 10
-    assert all(e["group_size"] >= 2 and not e["error"] for e in outer_c), outer_c
+    assert all(not e["error"] for e in outer_c), [e["error"] for e in outer_c]
+    # c averages with a in every round, except a round whose all-reduce lost its groupmate (on a loaded machine a
+    # stream can fail even between two live peers): c then steps alone and must catch up with the main group
+    events_c = read_metrics(tmp_path / "c")
+    for i, e in enumerate(events_c):
+        if e.get("kind") == "outer" and e["group_size"] < 2:
+            assert "failed during the all-reduce" in e["note"], e
+            assert any(later.get("reason") == "caught up" for later in events_c[i + 1:]), "c did not catch up"
     assert outer_a[-1]["group_size"] == 2, "a did not average with the newcomer at the end"
     # the two survivors hold the same model (compression none: equal up to float32 rounding)
     from safetensors.torch import load_file

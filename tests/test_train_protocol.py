@@ -145,3 +145,73 @@ def test_a_late_groupmate_is_waited_for_instead_of_stepping_alone(two_syncs):
     assert all(r is not None for r in reports)
     assert [r.group_size for r in reports] == [2, 2], reports
     assert a.outer_step_count == b.outer_step_count == 1
+
+
+class _FlakyGroupAverager:
+    """Stands in for the averager: every round forms a group of ``group_size`` peers in which ``failed``
+    groupmates fail mid-all-reduce (their parts of our result stay garbage), as when a peer is SIGKILLed."""
+
+    def __init__(self, tensors, group_sizes, failed=1):
+        from protocols.diloco import TrafficCounter
+
+        self.traffic, self.tensors = TrafficCounter(), tensors
+        self.group_sizes, self.failed, self.rounds = list(group_sizes), failed, []
+        self.state_sharing_priority = 0.0
+
+    @contextlib.contextmanager
+    def get_tensors(self):
+        yield self.tensors
+
+    def set_round(self, group_bits, target_group_size):
+        self.rounds.append(target_group_size)
+
+    def step(self, gather=None, **kwargs):
+        from hivemind.p2p import PeerID
+
+        size = self.group_sizes.pop(0)
+        for t in self.tensors:
+            t.add_(1000.0)  # a half-finished all-reduce leaves un-averaged parts behind
+        self.traffic.add("failed_reducers", self.failed)
+        return {PeerID(bytes([18, 32]) + bytes([i]) * 32): dict(gather) for i in range(size)}
+
+
+def _sync_with(monkeypatch, group_sizes):
+    import protocols.diloco as diloco
+
+    monkeypatch.setattr(diloco, "SyncAverager",
+                        lambda tensors, dht, **kw: _FlakyGroupAverager(tensors, group_sizes))
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(16, 4)), torch.nn.Parameter(torch.randn(4))]
+    sync = DiLoCoSync(params, dht=None, run_id="flaky", config=DiLoCoConfig(compression="none", min_wait=0.1,
+                                                                             slack=0.1))
+    anchor = [a.clone() for a in sync.anchor]
+    with torch.no_grad():
+        for p in params:
+            p.sub_(0.1)
+    return sync, anchor
+
+
+def test_a_groupmate_dying_mid_all_reduce_with_no_one_left_is_a_recovered_round_not_an_error(monkeypatch):
+    """Two peers; one is SIGKILLed during the all-reduce: the survivor steps alone with its own pseudo-gradient
+    and says so in a note. It used to record an error ("...; retrying", though nothing was retried), which the
+    live join/leave test counted as a lost outer step."""
+    sync, anchor = _sync_with(monkeypatch, [2])
+    report = sync.outer_step(weight=1.0, expected_group=2)
+    assert report.error == "", report
+    assert report.group_size == 1 and "failed during the all-reduce" in report.note
+    assert sync.outer_step_count == 1
+    lr, mu = sync.config.outer_lr, sync.config.outer_momentum
+    for a0, a in zip(anchor, sync.anchor):  # our own pseudo-gradient (0.1 everywhere), not the garbage
+        assert torch.allclose(a, a0 - lr * (1 + mu) * 0.1, atol=1e-6)
+
+
+def test_groupmates_failing_in_every_attempt_step_alone_with_own_pseudo_gradient(monkeypatch):
+    """A round that loses a groupmate in each of its three attempts must not report the last (un-averaged)
+    group as a success: it steps alone with its own pseudo-gradient and reports an error."""
+    sync, anchor = _sync_with(monkeypatch, [5, 5, 5])
+    report = sync.outer_step(weight=1.0, expected_group=5)
+    assert sync.averager.rounds == [5, 4, 4]
+    assert report.group_size == 1 and "3 attempts" in report.error, report
+    lr, mu = sync.config.outer_lr, sync.config.outer_momentum
+    for a0, a in zip(anchor, sync.anchor):
+        assert torch.allclose(a, a0 - lr * (1 + mu) * 0.1, atol=1e-6)
