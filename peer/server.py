@@ -7,6 +7,7 @@ blocks run on a single compute thread, so requests from different sessions never
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import functools
 import logging
@@ -42,6 +43,9 @@ from peer.throughput import measure_throughput
 logger = logging.getLogger("peer")
 
 
+EARLY_PUSH_SECONDS = 5.0  # how long a push that arrived before its session's open request is held
+EARLY_PUSHES = 64  # sessions whose early pushes are held at once
+EARLY_PUSH_BYTES = 256 << 20  # and their bytes
 INLINE_TOKENS = 8  # steps of at most this many tokens (batch x new tokens) run on the event-loop thread
 
 
@@ -130,6 +134,8 @@ class Session:
         self.push_session = ""  # the next peer's id for this session
         self.push_queue: Optional[asyncio.Queue] = None  # messages for the push stream, None ends it
         self.push_from: Optional[str] = None
+        self.keep_outputs = False  # keep every output; answer pushed steps without it (the client fetches it)
+        self.kept: List[torch.Tensor] = []  # those outputs in host memory, [batch, tokens, hidden] per step
         self.pushed: Dict[int, runtime_pb2.ExpertRequest] = {}
         self.push_event = asyncio.Event()
         self.request_task: Optional[asyncio.Future] = None  # the client's next request, while a push is awaited
@@ -151,6 +157,9 @@ class Peer:
         self.peer_id = self.identity.peer_id
         self.sessions: Dict[str, Session] = {}
         self._push_tasks: set = set()
+        # pushes that arrived before their session's open request: session id -> (arrival time, sender, step, request)
+        self._early_pushes: "collections.OrderedDict[str, list]" = collections.OrderedDict()
+        self._early_bytes = 0
         self.reserved_tokens = 0
         self.state = "joining"
         self.backend: Optional[SpanBackend] = None
@@ -709,6 +718,8 @@ class Peer:
                     raise PeerLeaving(f"peer {self.peer_id} moved to blocks {self.start_block}:{self.end_block}; "
                                       "continue on another peer")
                 step = meta.get("step")
+                if len(request.tensors) == 0 and "outputs" in meta:
+                    yield self._kept_outputs(session, meta)
                 duplicate = (not pushed and session.push_from is not None and meta.get("replay") is None
                              and isinstance(step, int) and 0 <= step < session.length)  # its push came first
                 session.client_steps += not pushed and len(request.tensors) > 0 and meta.get("replay") is None
@@ -745,15 +756,20 @@ class Peer:
                         out = await loop.run_in_executor(
                             self.pool, self._timed, lambda: self._run_steps(session, hidden, mask, chunks)
                         )
+                    out = out.detach().cpu()
                     encoded = encode_tensor(out)
+                    if session.keep_outputs:
+                        session.kept.append(out)
                     session.steps += 1
                     session.compute_s += time.perf_counter() - t0
                     pushing = (session.push_to is not None and meta.get("replay") is None and isinstance(step, int)
                                and step >= 0)
                     if pushing:
                         self._push(session, step, encoded, request)
+                    # a pushed output the client does not need now stays here until it asks (a failover)
+                    omit = pushing and session.keep_outputs and not meta.get("full")
                     yield runtime_pb2.ExpertResponse(
-                        tensors=[encoded],
+                        tensors=[] if omit else [encoded],
                         metadata=pack({"step": meta.get("step", 0), "length": session.length, "pushed": pushing}),
                     )
                 if session.push_from is None:
@@ -781,29 +797,46 @@ class Peer:
             addrs = meta.get("push_addrs", [])
             if not isinstance(addrs, list) or len(addrs) > 16 or not all(isinstance(a, str) and len(a) < 512 for a in addrs):
                 raise ProtocolError("push_addrs must be a list of at most 16 multiaddrs")
-            if addrs and session.push_to != self.p2p.peer_id:
-                task = asyncio.ensure_future(ensure_connected(self.p2p, session.push_to, addrs))
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())  # failures show at the first push
+            # the stream opens now, while the first step computes, not on the first step's critical path
+            session.push_queue = asyncio.Queue()
+            task = asyncio.ensure_future(self._push_stream(session, session.push_queue, addrs))
+            self._push_tasks.add(task)
+            task.add_done_callback(self._push_tasks.discard)
         if "push_from" in meta:
             session.push_from = get_str(meta, "push_from", 128)
+            self._take_early_pushes(session)
+        session.keep_outputs = meta.get("keep_outputs") is True
+
+    def _kept_outputs(self, session: Session, meta) -> runtime_pb2.ExpertResponse:
+        """Answer an outputs request ``{"outputs": [a, b]}`` of a session opened with ``keep_outputs``: the
+        outputs of token positions ``a .. b-1`` (``[batch, b - a, hidden]``), e.g. for the client to replay them
+        into a replacement for the next peer.
+
+        :raises ProtocolError: if the session keeps no outputs or the range is not within its tokens
+        """
+        if not session.keep_outputs:
+            raise ProtocolError("this session was not opened with keep_outputs: its outputs were not kept")
+        held = sum(t.shape[1] for t in session.kept)
+        span = meta["outputs"]
+        if not (isinstance(span, list) and len(span) == 2 and all(isinstance(x, int) for x in span)
+                and 0 <= span[0] < span[1] <= held):
+            raise ProtocolError(f"outputs must be [a, b] with 0 <= a < b <= {held} (the tokens this session holds)")
+        outputs = torch.cat(session.kept, dim=1)[:, span[0]:span[1]]
+        return runtime_pb2.ExpertResponse(tensors=[encode_tensor(outputs)], metadata=pack({"outputs": span}))
 
     def _push(self, session: Session, step: int, encoded: runtime_pb2.Tensor, request) -> None:
         """Send a step's output (and the step's attention mask, if any) to the session's next peer, in the
-        background, over one stream per session (opened at the first push, closed with the session). A failed
-        stream stops pushing for this session: the client then sends every step itself."""
+        background, over one stream per session (opened when the session opens, closed with it). A failed
+        stream stops pushing for this session: the peer then answers with its outputs and the client sends every
+        step itself."""
         if self.opts.drop_pushes:
             return
         message = runtime_pb2.ExpertRequest(
             tensors=[encoded, *request.tensors[1:2]], metadata=pack({"session_id": session.push_session, "step": step})
         )
-        if session.push_queue is None:
-            session.push_queue = asyncio.Queue()
-            task = asyncio.ensure_future(self._push_stream(session, session.push_queue))
-            self._push_tasks.add(task)
-            task.add_done_callback(self._push_tasks.discard)
         session.push_queue.put_nowait(message)
 
-    async def _push_stream(self, session: Session, queue: asyncio.Queue) -> None:
+    async def _push_stream(self, session: Session, queue: asyncio.Queue, addrs: List[str]) -> None:
         async def messages():
             while True:
                 item = await queue.get()
@@ -812,6 +845,8 @@ class Peer:
                 yield item
 
         try:
+            if addrs and session.push_to != self.p2p.peer_id:
+                await ensure_connected(self.p2p, session.push_to, addrs)
             outputs = await self.p2p.iterate_protobuf_handler(session.push_to, RPC_PUSH, messages(),
                                                               runtime_pb2.ExpertResponse)
             async for _ in outputs:  # the next peer answers nothing; this ends when the stream does
@@ -829,14 +864,40 @@ class Peer:
         sender = context.remote_id.to_base58()
         async for request in requests:
             meta = unpack(request.metadata)
-            session = self.sessions.get(get_str(meta, "session_id", MAX_SESSION_ID))
+            session_id = get_str(meta, "session_id", MAX_SESSION_ID)
+            session = self.sessions.get(session_id)
             step = get_int(meta, "step", 0, 1 << 30)
-            if (session is not None and session.push_from == sender and step >= session.length
-                    and len(session.pushed) < 4):
+            if session is None:  # its open request may still be on its way from the client: hold it a while
+                self._hold_early_push(session_id, sender, step, request)
+            elif session.push_from == sender and step >= session.length and len(session.pushed) < 4:
                 session.pushed[step] = request
                 session.push_event.set()
         return
         yield  # an async generator that yields nothing
+
+    def _hold_early_push(self, session_id: str, sender: str, step: int, request) -> None:
+        """Keep a push for a session not open here (yet) for ``EARLY_PUSH_SECONDS``: the previous peer's push
+        stream and the client's request that opens the session race, and the push may win. At most
+        ``EARLY_PUSHES`` sessions' pushes (4 each) and ``EARLY_PUSH_BYTES`` in all are held; the oldest go first."""
+        now = time.monotonic()
+        size = request.ByteSize()
+        if size <= EARLY_PUSH_BYTES and len(self._early_pushes.get(session_id, ())) < 4:
+            self._early_pushes.setdefault(session_id, []).append((now, sender, step, request, size))
+            self._early_bytes += size
+        while self._early_pushes and (
+                len(self._early_pushes) > EARLY_PUSHES or self._early_bytes > EARLY_PUSH_BYTES
+                or next(iter(self._early_pushes.values()))[0][0] < now - EARLY_PUSH_SECONDS):
+            _, dropped = self._early_pushes.popitem(last=False)
+            self._early_bytes -= sum(entry[4] for entry in dropped)
+
+    def _take_early_pushes(self, session: Session) -> None:
+        """Give a session that takes pushes the ones that arrived before it opened (from its ``push_from`` only)."""
+        held = self._early_pushes.pop(session.session_id, [])
+        self._early_bytes -= sum(entry[4] for entry in held)
+        for at, sender, step, request, _ in held:
+            if sender == session.push_from and at >= time.monotonic() - EARLY_PUSH_SECONDS:
+                session.pushed[step] = request
+                session.push_event.set()
 
     async def _next_input(self, requests: AsyncIterator, session: Session, stopped: asyncio.Future):
         """The next input of a session that takes pushes: ``(request, pushed)``, where a push for the session's

@@ -7,7 +7,7 @@ answered with an error naming what is wrong, and nothing is changed on the peer.
 Inference (``RPC_INFERENCE``, a bidirectional stream, one per session and peer):
 
 - first request: ``{"session_id": str, "start": int, "end": int, "max_length": int, "batch_size": int}``
-  and optionally the first step's tensors;
+  and optionally the first step's tensors (without them it only opens the session: no response);
 - each step request: tensors ``[hidden_states [batch, new_tokens, hidden]]`` plus, when the batch has padding,
   ``[attention_mask [batch, new_tokens]]`` (1 = real token, 0 = padding); metadata ``{"step": int}``;
 - a replay request (``{"replay": [n_1, n_2, ...]}``) carries the concatenation of earlier steps' hidden states
@@ -20,7 +20,11 @@ Inference (``RPC_INFERENCE``, a bidirectional stream, one per session and peer):
   step's output to that peer's ``RPC_PUSH`` as soon as it is computed; a peer with ``push_from`` accepts such
   pushes from that peer only and computes each step from whichever copy arrives first (the push, or the
   client's request with the same ``"step"``, the session's token count before the step), answering once.
-  Replays are never pushed.
+  Replays are never pushed. With ``"keep_outputs": true`` as well, the peer keeps every output of the session
+  and answers a step it pushed without tensors (``"pushed": true``), unless the step request says ``"full":
+  true``; an outputs request ``{"outputs": [a, b]}`` (no tensors) is answered with the kept outputs of token
+  positions ``a .. b-1``, ``[batch, b - a, hidden]``, metadata ``{"outputs": [a, b]}`` (the client fetches
+  them only to replay them into a replacement for the next peer, or when a push did not arrive).
 
 Push (``RPC_PUSH``, a stream from a peer to the next peer of a chain, one per session): each request carries
 tensors ``[hidden_states, (attention_mask)]`` as in a step request and metadata ``{"session_id": str, "step":

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import threading
 import time
 import uuid
 from collections import Counter
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from hivemind.p2p import P2P, PeerID
@@ -157,8 +158,9 @@ class _Network:
 class _HopStream:
     """One peer's side of an inference session: a persistent bidirectional stream.
 
-    ``history`` keeps every input this hop was sent, as ``(hidden, mask)`` pairs in step order, so a
-    replacement peer can rebuild the KV cache exactly (same chunks, same positions) if this one fails.
+    ``history`` keeps every input this hop was sent, as ``(hidden, mask, tokens)`` in step order, so a
+    replacement peer can rebuild the KV cache exactly (same chunks, same positions) if this one fails. ``hidden``
+    is None for an input the previous peer pushed here and kept (the client fetches it only for a replay).
     """
 
     def __init__(self, hop: Hop, record: PeerRecord):
@@ -170,6 +172,8 @@ class _HopStream:
         self.pushed_into = False  # the previous hop of the chain pushes its outputs here (see _link_for_push)
         self.trust_push = True  # False once a push failed to arrive: the client sends every step itself
         self.last_pushed = False  # this peer pushed its last output to the next hop
+        self.keeps_outputs = False  # it keeps its outputs and answers pushed steps without them
+        self.pending_answer: Optional[asyncio.Future] = None
 
     @property
     def peer_id(self) -> str:
@@ -190,6 +194,12 @@ class _HopStream:
         )
         self.pending_open = dict(meta, start=self.hop.start, end=self.hop.end)
 
+    async def open_session(self) -> None:
+        """Open the session on this peer now, with no step (a peer that takes pushes must know the session before
+        the first push arrives; until then pushes are ignored and the client carries the step)."""
+        meta, self.pending_open = self.pending_open, None
+        await self.queue.put(runtime_pb2.ExpertRequest(metadata=pack(meta)))
+
     def expected_seconds(self, tokens: int) -> float:
         """Expected time of a step of ``tokens`` tokens (batch included) from the peer's announced speed."""
         n = self.hop.end - self.hop.start
@@ -197,10 +207,15 @@ class _HopStream:
             return n / max(self.record.decode_sps, 1e-3)
         return n * tokens / max(self.record.forward_tps, 1e-3)
 
-    async def send(self, hidden: torch.Tensor, mask: Optional[torch.Tensor], timeout: float,
-                   extra: Optional[Dict[str, Any]] = None, *, pushed_wait: Optional[float] = None) -> torch.Tensor:
-        """Run one step (or a replay) on this peer and return its output ``[batch, new_tokens, hidden]``.
+    async def send(self, hidden: Optional[torch.Tensor], mask: Optional[torch.Tensor], timeout: float,
+                   extra: Optional[Dict[str, Any]] = None, *, pushed_wait: Optional[float] = None,
+                   shape: Optional[Sequence[int]] = None, fetch: Optional[Callable[[], Awaitable[torch.Tensor]]] = None
+                   ) -> Optional[torch.Tensor]:
+        """Run one step (or a replay) on this peer and return its output ``[batch, new_tokens, hidden]``, or None
+        if the peer pushed it to the next peer and kept it (see :meth:`fetch_outputs`).
 
+        :param hidden: the step's input, or None if the previous peer pushed it here and kept it: ``fetch`` then
+            gets it from there if the client has to send it (``shape`` gives its shape)
         :param pushed_wait: set when the previous peer pushed this step's input here: the client's own copy is
             sent only if no answer came within this many seconds (and then for every later step)
         :raises _PeerFailed: if the peer fails, answers wrongly or misses ``timeout`` (seconds)
@@ -209,11 +224,10 @@ class _HopStream:
         meta = dict(self.pending_open or {})
         self.pending_open = None
         meta.update(extra or {})
-        tensors = [encode_tensor(hidden)]
-        if mask is not None:
-            tensors.append(encode_tensor(mask.to(torch.uint8)))
-        request = runtime_pb2.ExpertRequest(tensors=tensors, metadata=pack(meta))
-        answer = asyncio.ensure_future(self.outputs.__anext__())
+        shape = list(hidden.shape) if hidden is not None else list(shape)
+        # an answer awaited by an earlier call whose input could not be fetched is still this step's answer
+        answer = self.pending_answer or asyncio.ensure_future(self.outputs.__anext__())
+        self.pending_answer = answer
         if pushed_wait is not None:
             await asyncio.wait({answer}, timeout=pushed_wait)
         if not answer.done():
@@ -221,9 +235,49 @@ class _HopStream:
                 self.trust_push = False
                 logger.info("peer %s: a pushed step did not arrive within %.2fs; the client sends every step",
                             self.peer_id[-6:], pushed_wait)
-            await self.queue.put(request)
+            if hidden is None:
+                hidden = await fetch()  # on failure the answer stays pending for the retry of this step
+            tensors = [encode_tensor(hidden)]
+            if mask is not None:
+                tensors.append(encode_tensor(mask.to(torch.uint8)))
+            await self.queue.put(runtime_pb2.ExpertRequest(tensors=tensors, metadata=pack(meta)))
+        self.pending_answer = None
+        response = await self._response(timeout, answer)
         try:
-            response = await self._await_response(timeout, answer)
+            answer_meta = unpack(response.metadata) if response.metadata else {}
+        except ValueError:
+            answer_meta = {}
+        self.last_pushed = answer_meta.get("pushed") is True
+        if not response.tensors:
+            if self.last_pushed and self.keeps_outputs:
+                return None
+            raise _PeerFailed(self.peer_id, "answered a step without its output")
+        out = decode_tensor(response.tensors[0], max_numel=math.prod(shape), ndim=3)
+        if list(out.shape) != shape:
+            raise _PeerFailed(self.peer_id, f"returned shape {list(out.shape)}, expected {shape}")
+        return out
+
+    async def fetch_outputs(self, first: int, end: int, batch: int, hidden_size: int, timeout: float) -> torch.Tensor:
+        """The outputs this peer kept for token positions ``first .. end-1`` of the session:
+        ``[batch, end - first, hidden_size]`` (the session was opened with ``keep_outputs``).
+
+        :raises _PeerFailed: if the peer fails or answers wrongly
+        """
+        answer = asyncio.ensure_future(self.outputs.__anext__())
+        await self.queue.put(runtime_pb2.ExpertRequest(metadata=pack({"outputs": [first, end]})))
+        response = await self._response(timeout, answer)
+        shape = [batch, end - first, hidden_size]
+        if not response.tensors:
+            raise _PeerFailed(self.peer_id, "answered an outputs request without them")
+        out = decode_tensor(response.tensors[0], max_numel=math.prod(shape), ndim=3)
+        if list(out.shape) != shape:
+            raise _PeerFailed(self.peer_id, f"returned kept outputs of shape {list(out.shape)}, expected {shape}")
+        return out
+
+    async def _response(self, timeout: float, answer: asyncio.Future):
+        """The answer ``answer`` (the stream's next response) resolves to, with the peer's errors translated."""
+        try:
+            return await self._await_response(timeout, answer)
         except StopAsyncIteration:
             raise _PeerFailed(self.peer_id, "closed the stream") from None
         except _PeerFailed:
@@ -234,14 +288,6 @@ class _HopStream:
                 raise SwarmError(text) from e
             # an idle session closed by the peer is not the peer's fault: reopen it there without a ban
             raise _PeerFailed(self.peer_id, text, ban="without a request" not in text) from e
-        out = decode_tensor(response.tensors[0], max_numel=hidden.numel(), ndim=3)
-        if out.shape != hidden.shape:
-            raise _PeerFailed(self.peer_id, f"returned shape {list(out.shape)}, expected {list(hidden.shape)}")
-        try:
-            self.last_pushed = bool(response.metadata) and unpack(response.metadata).get("pushed") is True
-        except ValueError:
-            self.last_pushed = False
-        return out
 
     async def _await_response(self, timeout: float, task: asyncio.Future):
         """Wait for the next response. A libp2p stream does not always notice that the remote host died while
@@ -281,30 +327,42 @@ class _PeerFailed(Exception):
         super().__init__(f"peer {peer_id} failed: {reason}")
 
 
-def _link_for_push(hops: List["_HopStream"]) -> None:
+class _InputLost(Exception):
+    """The previous peer, which kept a step's input for this one, failed when the client fetched it."""
+
+    def __init__(self, failure: _PeerFailed):
+        self.failure = failure
+        super().__init__(str(failure))
+
+
+def _link_for_push(hops: List["_HopStream"], keep_outputs: bool = True) -> None:
     """Ask each peer of a chain to push its step outputs straight to the next peer (as Petals does): a decode
     step then crosses client -> peer 1 -> peer 2 -> ... -> client, one network leg per hop plus one, instead of a
     round trip to the client per hop. The client still receives every peer's output and sends it on itself, so
     its per-hop history (for replay) is unchanged; it sends that output on to the next peer only if the push does
     not answer in time (:meth:`_HopStream.send`'s ``pushed_wait``), so a decode step costs one message per hop
-    plus the answers. A peer computes each step once, from whichever copy arrives first."""
+    plus the answers. A peer computes each step once, from whichever copy arrives first. A pushing peer also keeps
+    its outputs and answers pushed steps without them (``keep_outputs``): the client fetches them only when it
+    needs them (a replay into a replacement for the next peer, or a push that did not arrive)."""
     for prev, nxt in zip(hops, hops[1:]):
         if prev.pending_open is None or nxt.pending_open is None or prev.peer_id == nxt.peer_id:
             continue
         prev.pending_open["push_to"] = nxt.peer_id
         prev.pending_open["push_session"] = nxt.pending_open["session_id"]
         prev.pending_open["push_addrs"] = list(nxt.record.addrs[:8])
+        prev.pending_open["keep_outputs"] = prev.keeps_outputs = keep_outputs
         nxt.pending_open["push_from"] = prev.peer_id
         nxt.pushed_into = True
 
 
 def _concat_history(history: List[tuple]):
-    """Join per-step inputs into one replay message: hidden ``[batch, sum(n_i), hidden]``, mask or None, [n_i]."""
-    hidden = torch.cat([h for h, _ in history], dim=1)
-    lengths = [h.shape[1] for h, _ in history]
-    if all(m is None for _, m in history):
+    """Join per-step inputs ``(hidden, mask, tokens)`` (none missing) into one replay message: hidden
+    ``[batch, sum(n_i), hidden]``, mask or None, [n_i]."""
+    hidden = torch.cat([h for h, _, _ in history], dim=1)
+    lengths = [n for _, _, n in history]
+    if all(m is None for _, m, _ in history):
         return hidden, None, lengths
-    masks = [m if m is not None else torch.ones(h.shape[:2], dtype=torch.long) for h, m in history]
+    masks = [m if m is not None else torch.ones(h.shape[:2], dtype=torch.long) for h, m, _ in history]
     return hidden, torch.cat(masks, dim=1), lengths
 
 
@@ -344,6 +402,7 @@ class InferenceSession:
         self.hops: List[_HopStream] = []
         self.closed = False
         self.failovers: List[Dict[str, Any]] = []  # one entry per recovered failure: peer, reason, times
+        self.hidden_size = 0  # set by the first step
 
     def __enter__(self):
         return self
@@ -392,7 +451,7 @@ class InferenceSession:
                         raise _PeerFailed(h.peer_id, str(e))
                     hops.append(hop)
                 if model.push:
-                    _link_for_push(hops)
+                    _link_for_push(hops, model.keep_outputs)
                 return hops
             except (NoRouteError, _PeerFailed) as e:
                 busy = False  # live peers serve the blocks, but without room for this session's KV cache
@@ -425,8 +484,17 @@ class InferenceSession:
                 await asyncio.sleep(delay)
                 delay = min(delay * 1.5, 2.0)
 
-    async def _replace(self, index: int, deadline: float) -> List[_HopStream]:
-        """Replace hop ``index`` by a new chain over the same blocks and replay its history into it."""
+    async def _replace(self, index: int, deadline: float) -> Tuple[int, List[tuple]]:
+        """Replace hop ``index`` (closed by the caller) by a new chain over the same blocks and replay its history
+        into it. Inputs that the previous peer kept are fetched first (:meth:`_fill_history`, which replaces that
+        peer too if it is gone). The replay's outputs fill the next hop's missing inputs, since the old peer's
+        kept outputs are gone with it.
+
+        :returns: the index of the hop after the new chain, and the replay's outputs as ``(hidden, mask, tokens)``
+            per history step (empty if the hop had no history)
+        :raises SwarmError: if no replacement can be found and replayed before ``deadline``
+        """
+        index = await self._fill_history(index, deadline)
         old = self.hops[index]
         while True:
             new_hops = await self._chain(old.hop.start, old.hop.end, deadline)
@@ -438,8 +506,8 @@ class InferenceSession:
                         timeout = self.model.step_timeout_for(hop, hidden.shape[0] * hidden.shape[1])
                         out = await hop.send(hidden, mask, timeout, {"replay": lengths, "step": -1})
                         hop.history = list(inputs)
-                        inputs = [(o, m) for o, (_, m) in zip(out.split(lengths, dim=1), inputs)]
-                return new_hops
+                        inputs = [(o, m, n) for o, (_, m, n) in zip(out.split(lengths, dim=1), inputs)]
+                break
             except _PeerFailed as e:
                 if e.ban:
                     self.model._ban(e.peer_id, e.reason)
@@ -447,25 +515,100 @@ class InferenceSession:
                     hop.close()
                 if time.monotonic() > deadline:
                     raise SwarmError(f"replay to a replacement for blocks {old.hop.start}:{old.hop.end} failed: {e}")
+        self.hops[index:index + 1] = new_hops
+        after = index + len(new_hops)
+        if after < len(self.hops):
+            history = self.hops[after].history
+            for k, ((h, m, n), (o, _, n_out)) in enumerate(zip(history, inputs)):
+                if h is None and n == n_out:
+                    history[k] = (o, m, n)
+        return after, inputs
+
+    async def _fill_history(self, index: int, deadline: float) -> int:
+        """Fetch the inputs of hop ``index``'s history that the previous peer pushed and kept. If that peer is
+        gone it is replaced first, and its replay gives them.
+
+        :returns: hop ``index``'s index afterwards (it moves if the previous hop became a chain of several)
+        """
+        history = self.hops[index].history
+        missing = [k for k, (h, _, _) in enumerate(history) if h is None]
+        if not missing:
+            return index
+        prev = self.hops[index - 1]
+        lengths = [n for _, _, n in history]
+        first, end = sum(lengths[:missing[0]]), sum(lengths)
+        try:
+            outs = await prev.fetch_outputs(first, end, self.batch_size, self.hidden_size,
+                                            self.model.step_timeout_for(prev, self.batch_size * (end - first)))
+        except _PeerFailed as e:
+            return (await self._input_lost(index, e, deadline))[0]
+        self.model.stats["outputs_fetched"] += 1
+        for k, part in zip(range(missing[0], len(history)), outs.split(lengths[missing[0]:], dim=1)):
+            h, m, n = history[k]
+            if h is None:
+                history[k] = (part, m, n)
+        return index
+
+    async def _input_lost(self, index: int, e: "_PeerFailed", deadline: float) -> Tuple[int, List[tuple]]:
+        """Hop ``index - 1`` failed while the client fetched the outputs it kept: replace it (its replay gives hop
+        ``index``'s missing inputs). :returns: hop ``index``'s index afterwards, and the replay's outputs per step
+        of the replaced hop's history"""
+        prev = self.hops[index - 1]
+        failed_at = time.time()
+        if e.ban:
+            self.model._ban(e.peer_id, e.reason)
+        prev.close()
+        logger.warning("session %s: %s; replacing blocks %d:%d", self.session_id[:8], e, prev.hop.start, prev.hop.end)
+        after, outputs = await self._replace(index - 1, deadline)
+        self.model.stats["failovers"] += 1
+        self.failovers.append({"peer_id": e.peer_id, "reason": e.reason, "detected_at": failed_at,
+                               "recovered_at": time.time(), "blocks": (prev.hop.start, prev.hop.end)})
+        return after, outputs
 
     async def _step(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         deadline = time.monotonic() + self.model.retry_timeout
         if not self.hops:
             self.hops = await self._chain(0, self.model.num_blocks, deadline)
+            for hop in self.hops[1:]:
+                if hop.pushed_into and self.hops[0].keeps_outputs:
+                    await hop.open_session()  # before the first push arrives there
             logger.info("session %s: chain %s", self.session_id[:8],
                         " -> ".join(f"{h.peer_id[-6:]}[{h.hop.start}:{h.hop.end}]" for h in self.hops))
+        shape = list(hidden.shape)
+        self.hidden_size = shape[2]
+        tokens = shape[0] * shape[1]
         i = 0
         while i < len(self.hops):
             hop = self.hops[i]
+            fetched = []
+
+            async def fetch(i=i):  # this step's input, kept by the previous peer (which pushed it)
+                prev = self.hops[i - 1]
+                try:
+                    out = await prev.fetch_outputs(self.length, self.length + shape[1], shape[0], shape[2],
+                                                   self.model.step_timeout_for(prev, tokens))
+                except _PeerFailed as e:
+                    raise _InputLost(e) from None
+                self.model.stats["outputs_fetched"] += 1
+                fetched.append(out)
+                return out
+
             try:
-                tokens = hidden.shape[0] * hidden.shape[1]
                 timeout = self.model.step_timeout_for(hop, tokens)
                 pushed_wait = None
                 if (i > 0 and hop.pending_open is None and hop.pushed_into and hop.trust_push
                         and self.hops[i - 1].last_pushed):
-                    pushed_wait = max(0.25, 4 * hop.expected_seconds(tokens))
-                out = await hop.send(hidden, mask, timeout, {"step": self.length}, pushed_wait=pushed_wait)
+                    # the session's first push may still wait for its stream to open
+                    pushed_wait = max(0.25 if hop.history else 1.0, 4 * hop.expected_seconds(tokens))
+                extra = {"step": self.length}
+                if i + 1 < len(self.hops) and not (self.hops[i + 1].pushed_into and self.hops[i + 1].trust_push):
+                    extra["full"] = True  # the next peer does not take this one's pushes: the client carries them
+                out = await hop.send(hidden, mask, timeout, extra, pushed_wait=pushed_wait, shape=shape, fetch=fetch)
                 self.model.stats["lost_pushes"] += pushed_wait is not None and not hop.trust_push
+            except _InputLost as e:
+                i, outputs = await self._input_lost(i, e.failure, deadline)
+                hidden = outputs[-1][0]  # the previous hop's history ends with this step
+                continue
             except _PeerFailed as e:
                 failed_at = time.time()
                 if e.ban:
@@ -475,14 +618,16 @@ class InferenceSession:
                 # a warning (its ban, if any, was logged by _ban)
                 logger.log(logging.WARNING if e.ban else logging.INFO, "session %s: %s; %s blocks %d:%d",
                            self.session_id[:8], e, "replacing" if e.ban else "reopening", hop.hop.start, hop.hop.end)
-                self.hops[i:i + 1] = await self._replace(i, deadline)
+                await self._replace(i, deadline)
                 self.model.stats["failovers"] += 1
                 self.failovers.append({"peer_id": e.peer_id, "reason": e.reason, "detected_at": failed_at,
                                        "recovered_at": time.time(), "blocks": (hop.hop.start, hop.hop.end)})
                 continue
-            hop.history.append((hidden, mask))
+            hop.history.append((fetched[0] if fetched else hidden, mask, shape[1]))
             hidden = out
             i += 1
+        if hidden is None:
+            raise SwarmError("the last peer of the chain answered without its output")
         return hidden
 
     def step(self, hidden: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -553,6 +698,8 @@ class DistributedModelForCausalLM:
         self.unknown_model_timeout = unknown_model_timeout
         self.seen_records = False  # some lookup found a record of this model
         self.push = push  # peers of a chain send their outputs straight to the next peer (see _link_for_push)
+        # and keep them instead of sending them back: the client fetches one only for a failover or a lost push
+        self.keep_outputs = True
         self.config = checkpoint.config
         self.model_uid = checkpoint.model_uid
         self.num_blocks = checkpoint.num_blocks
@@ -565,7 +712,7 @@ class DistributedModelForCausalLM:
         # over this client's life: failed hops recovered, waits for a usable chain, peers banned
         # forward_retries: forward hops re-sent after a failure; router_builds: max-flow solves for FlowRouter
         self.stats: Dict[str, int] = {"failovers": 0, "chain_retries": 0, "bans": 0, "lost_pushes": 0,
-                                      "forward_retries": 0, "router_builds": 0}
+                                      "outputs_fetched": 0, "forward_retries": 0, "router_builds": 0}
         self.forward_served: Counter = Counter()  # peer id -> forward hops it answered (see forward)
         self.last_forward_chain: List[Hop] = []  # the hops that computed the last forward's output
         self._routers: Dict[str, tuple] = {}  # figure ("forward"/"decode") -> (key of the spans, FlowRouter)
