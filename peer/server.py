@@ -135,6 +135,7 @@ class Session:
         self.push_queue: Optional[asyncio.Queue] = None  # messages for the push stream, None ends it
         self.push_from: Optional[str] = None
         self.keep_outputs = False  # keep every output; answer pushed steps without it (the client fetches it)
+        self.silent = False  # with keep_outputs: pushed steps get no answer at all
         self.kept: List[torch.Tensor] = []  # those outputs in host memory, [batch, tokens, hidden] per step
         self.pushed: Dict[int, runtime_pb2.ExpertRequest] = {}
         self.push_event = asyncio.Event()
@@ -768,10 +769,11 @@ class Peer:
                         self._push(session, step, encoded, request)
                     # a pushed output the client does not need now stays here until it asks (a failover)
                     omit = pushing and session.keep_outputs and not meta.get("full")
-                    yield runtime_pb2.ExpertResponse(
-                        tensors=[] if omit else [encoded],
-                        metadata=pack({"step": meta.get("step", 0), "length": session.length, "pushed": pushing}),
-                    )
+                    if not (omit and session.silent):
+                        yield runtime_pb2.ExpertResponse(
+                            tensors=[] if omit else [encoded],
+                            metadata=pack({"step": meta.get("step", 0), "length": session.length, "pushed": pushing}),
+                        )
                 if session.push_from is None:
                     request, pushed = await self._next_request(requests, self.opts.session_timeout, session, stopped), False
                 else:
@@ -806,6 +808,7 @@ class Peer:
             session.push_from = get_str(meta, "push_from", 128)
             self._take_early_pushes(session)
         session.keep_outputs = meta.get("keep_outputs") is True
+        session.silent = session.keep_outputs and meta.get("silent") is True
 
     def _kept_outputs(self, session: Session, meta) -> runtime_pb2.ExpertResponse:
         """Answer an outputs request ``{"outputs": [a, b]}`` of a session opened with ``keep_outputs``: the

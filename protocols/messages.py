@@ -24,7 +24,10 @@ Inference (``RPC_INFERENCE``, a bidirectional stream, one per session and peer):
   and answers a step it pushed without tensors (``"pushed": true``), unless the step request says ``"full":
   true``; an outputs request ``{"outputs": [a, b]}`` (no tensors) is answered with the kept outputs of token
   positions ``a .. b-1``, ``[batch, b - a, hidden]``, metadata ``{"outputs": [a, b]}`` (the client fetches
-  them only to replay them into a replacement for the next peer, or when a push did not arrive).
+  them only to replay them into a replacement for the next peer, or when a push did not arrive). With
+  ``"silent": true`` too (the client asks it of a chain's first peer, whose input always comes from the client),
+  a pushed step gets no response at all; the client learns of a lost push or a failed peer when it fetches the
+  output.
 
 Push (``RPC_PUSH``, a stream from a peer to the next peer of a chain, one per session): each request carries
 tensors ``[hidden_states, (attention_mask)]`` as in a step request and metadata ``{"session_id": str, "step":

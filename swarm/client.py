@@ -174,6 +174,8 @@ class _HopStream:
         self.last_pushed = False  # this peer pushed its last output to the next hop
         self.keeps_outputs = False  # it keeps its outputs and answers pushed steps without them
         self.pending_answer: Optional[asyncio.Future] = None
+        self.silent = False  # it does not answer the steps it pushes (the first hop of a chain, see _link_for_push)
+        self.skipped_answers = 0  # answers read past while waiting for another (see _answer)
 
     @property
     def peer_id(self) -> str:
@@ -225,6 +227,14 @@ class _HopStream:
         self.pending_open = None
         meta.update(extra or {})
         shape = list(hidden.shape) if hidden is not None else list(shape)
+        if self.silent and not meta.get("full") and meta.get("replay") is None:
+            # the peer pushes this step to the next one and does not answer it: if the push does not arrive
+            # there, the client fetches the output here (fetch_outputs), which also tells whether this peer failed
+            if hidden is None:
+                hidden = await fetch()
+            await self.queue.put(runtime_pb2.ExpertRequest(tensors=self._tensors(hidden, mask), metadata=pack(meta)))
+            self.last_pushed = True
+            return None
         # an answer awaited by an earlier call whose input could not be fetched is still this step's answer
         answer = self.pending_answer or asyncio.ensure_future(self.outputs.__anext__())
         self.pending_answer = answer
@@ -237,16 +247,10 @@ class _HopStream:
                             self.peer_id[-6:], pushed_wait)
             if hidden is None:
                 hidden = await fetch()  # on failure the answer stays pending for the retry of this step
-            tensors = [encode_tensor(hidden)]
-            if mask is not None:
-                tensors.append(encode_tensor(mask.to(torch.uint8)))
-            await self.queue.put(runtime_pb2.ExpertRequest(tensors=tensors, metadata=pack(meta)))
+            await self.queue.put(runtime_pb2.ExpertRequest(tensors=self._tensors(hidden, mask), metadata=pack(meta)))
         self.pending_answer = None
-        response = await self._response(timeout, answer)
-        try:
-            answer_meta = unpack(response.metadata) if response.metadata else {}
-        except ValueError:
-            answer_meta = {}
+        step = meta.get("step")
+        response, answer_meta = await self._answer(timeout, lambda m: m.get("step") == step, answer)
         self.last_pushed = answer_meta.get("pushed") is True
         if not response.tensors:
             if self.last_pushed and self.keeps_outputs:
@@ -265,7 +269,7 @@ class _HopStream:
         """
         answer = asyncio.ensure_future(self.outputs.__anext__())
         await self.queue.put(runtime_pb2.ExpertRequest(metadata=pack({"outputs": [first, end]})))
-        response = await self._response(timeout, answer)
+        response, _ = await self._answer(timeout, lambda m: "outputs" in m, answer)
         shape = [batch, end - first, hidden_size]
         if not response.tensors:
             raise _PeerFailed(self.peer_id, "answered an outputs request without them")
@@ -273,6 +277,25 @@ class _HopStream:
         if list(out.shape) != shape:
             raise _PeerFailed(self.peer_id, f"returned kept outputs of shape {list(out.shape)}, expected {shape}")
         return out
+
+    @staticmethod
+    def _tensors(hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> List[runtime_pb2.Tensor]:
+        return [encode_tensor(hidden)] + ([encode_tensor(mask.to(torch.uint8))] if mask is not None else [])
+
+    async def _answer(self, timeout: float, wanted: Callable[[Dict[str, Any]], bool], answer: asyncio.Future):
+        """The first of the stream's next responses whose metadata is ``wanted``, with its metadata; answers to
+        steps a silent peer answered although the client did not wait for them (its push had failed) are skipped.
+        ``timeout`` (seconds) applies to each response."""
+        while True:
+            response = await self._response(timeout, answer)
+            try:
+                meta = unpack(response.metadata) if response.metadata else {}
+            except ValueError:
+                meta = {}
+            if wanted(meta):
+                return response, meta
+            self.skipped_answers += 1
+            answer = asyncio.ensure_future(self.outputs.__anext__())
 
     async def _response(self, timeout: float, answer: asyncio.Future):
         """The answer ``answer`` (the stream's next response) resolves to, with the peer's errors translated."""
@@ -351,6 +374,8 @@ def _link_for_push(hops: List["_HopStream"], keep_outputs: bool = True) -> None:
         prev.pending_open["push_session"] = nxt.pending_open["session_id"]
         prev.pending_open["push_addrs"] = list(nxt.record.addrs[:8])
         prev.pending_open["keep_outputs"] = prev.keeps_outputs = keep_outputs
+        if prev is hops[0] and keep_outputs:  # its input comes from the client, so it always computes its steps
+            prev.pending_open["silent"] = prev.silent = True
         nxt.pending_open["push_from"] = prev.peer_id
         nxt.pushed_into = True
 
@@ -599,7 +624,9 @@ class InferenceSession:
                 if (i > 0 and hop.pending_open is None and hop.pushed_into and hop.trust_push
                         and self.hops[i - 1].last_pushed):
                     # the session's first push may still wait for its stream to open
-                    pushed_wait = max(0.25 if hop.history else 1.0, 4 * hop.expected_seconds(tokens))
+                    prev = self.hops[i - 1]  # a silent one's step time is not awaited separately
+                    expected = hop.expected_seconds(tokens) + (prev.expected_seconds(tokens) if prev.silent else 0.0)
+                    pushed_wait = max(0.25 if hop.history else 1.0, 4 * expected)
                 extra = {"step": self.length}
                 if i + 1 < len(self.hops) and not (self.hops[i + 1].pushed_into and self.hops[i + 1].trust_push):
                     extra["full"] = True  # the next peer does not take this one's pushes: the client carries them

@@ -73,8 +73,8 @@ def test_a_lost_push_costs_one_wait_then_the_client_sends_every_step(model_dir):
 
 
 def test_kept_outputs_are_the_first_peers_outputs_and_bad_requests_are_refused(swarm):
-    """A pushing peer keeps its outputs instead of sending them back; fetched, they equal transformers' hidden
-    states after its blocks. A request for a range it does not hold, or to a peer that keeps nothing, is refused."""
+    """A pushing peer keeps its outputs instead of sending them back (the chain's first peer does not even answer a
+    step it pushed); fetched, they equal transformers' hidden states after its blocks. A request for a range it does not hold, or to a peer that keeps nothing, is refused."""
     path, s = swarm
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     ids = torch.tensor([[5, 9, 2, 7], [3, 8, 1, 6]])
@@ -89,6 +89,7 @@ def test_kept_outputs_are_the_first_peers_outputs_and_bad_requests_are_refused(s
             assert first.keeps_outputs and not last.keeps_outputs
             assert [h is None for h, _, _ in last.history] == [True, True]  # pushed there, never sent back
             kept = client.net.run(first.fetch_outputs(0, 4, 2, hidden.shape[2], 10.0))
+            assert first.silent and first.skipped_answers == 0  # it answered neither pushed step
             assert torch.allclose(kept, expected, atol=1e-5), (kept - expected).abs().max()
             with pytest.raises(_PeerFailed, match="keep_outputs"):
                 client.net.run(last.fetch_outputs(0, 4, 2, hidden.shape[2], 10.0))
@@ -104,7 +105,7 @@ class _FakeHop:
         self.peer_id, self.add, self.chain = peer_id, add, chain
         self.history, self.pending_open, self.pushed_into, self.trust_push = [], None, False, True
         self.last_pushed, self.keeps_outputs, self.pending_answer = False, pushes, None
-        self.kept, self.dead, self.drop_next_push, self.inbox = [], False, False, None
+        self.kept, self.dead, self.drop_next_push, self.inbox, self.silent = [], False, False, None, False
 
     def expected_seconds(self, tokens):
         return 0.001
