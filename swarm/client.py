@@ -15,6 +15,7 @@ and position in the swarm can carry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -176,6 +177,7 @@ class _HopStream:
         self.pending_answer: Optional[asyncio.Future] = None
         self.silent = False  # it does not answer the steps it pushes (the first hop of a chain, see _link_for_push)
         self.skipped_answers = 0  # answers read past while waiting for another (see _answer)
+        self.closing = False
 
     @property
     def peer_id(self) -> str:
@@ -341,7 +343,33 @@ class _HopStream:
                 task.cancel()
 
     def close(self) -> None:
+        """End this peer's side of the session (call on the network thread). The stream's remaining answers are
+        read and dropped in the background, so the stream is closed on the network thread: a stream never read
+        (a silent peer's) was otherwise closed by the garbage collector in whatever thread it ran, and uvloop
+        crashed (segmentation fault) when that was not the network thread."""
         self.queue.put_nowait(None)
+        if self.outputs is not None and not self.closing:
+            self.closing = True
+            task = asyncio.ensure_future(self._drain())
+            _DRAINS.add(task)
+            task.add_done_callback(_DRAINS.discard)
+
+    async def _drain(self, timeout: float = 30.0) -> None:
+        if self.pending_answer is not None and not self.pending_answer.done():
+            self.pending_answer.cancel()  # the generator closes the stream as the cancellation unwinds it
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                async for _ in self.outputs:
+                    pass
+        except BaseException:  # the peer failed or the stream broke: it is closed either way
+            pass
+        finally:
+            with contextlib.suppress(BaseException):
+                await self.outputs.aclose()
+
+
+_DRAINS: set = set()  # hop streams being drained after their session ended (see _HopStream.close)
 
 
 class _PeerFailed(Exception):

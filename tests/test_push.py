@@ -97,6 +97,24 @@ def test_kept_outputs_are_the_first_peers_outputs_and_bad_requests_are_refused(s
                 client.net.run(first.fetch_outputs(2, 9, 2, hidden.shape[2], 10.0))
 
 
+def test_a_closed_session_closes_every_hop_stream_on_the_network_thread(swarm):
+    """The first peer of a chain answers nothing while it pushes, so the client never reads its stream. Left to the
+    garbage collector, that stream was closed in whatever thread collected it, and uvloop crashed the client
+    (segmentation fault) about every other benchmark run. Closing a session now drains every hop's stream."""
+    path, s = swarm
+    with DistributedModelForCausalLM.from_pretrained(path, initial_peers=s.initial_peers) as client:
+        session = client.inference_session(max_length=8)
+        hidden = client.embed_tokens(torch.tensor([[5, 9, 2, 7]]))
+        session.step(hidden)
+        hops = list(session.hops)
+        assert hops[0].silent
+        session.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(h.outputs.ag_frame is not None for h in hops):
+            time.sleep(0.05)
+        assert all(h.outputs.ag_frame is None for h in hops), "a hop's stream reader is still open"
+
+
 class _FakeHop:
     """A peer of a scripted chain: adds ``add`` to its inputs; keeps its outputs if it pushes."""
 
