@@ -26,6 +26,13 @@ adds :func:`search_moves`, a beam search over sequences of safe single-peer move
 by phantom peers, so that a plan can fill them one by one), which finds the multi-move repairs that one greedy move
 at a time misses (after 20% of 20 peers leave, ``make bench-partitioner``: median 0.758 -> 0.801 of the new bound,
 p10 0.512 -> 0.615). The plan that serves the most under the LP is returned.
+
+``milp_time_limit`` adds the exact MILP (:mod:`partitioner.milp`): up to ``milp_max_peers`` peers the best plan
+within the move budget (:func:`milp_plan`: for one move, the best *safe* one) and a bound on what any such plan
+serves; above that, up to ``milp_neighborhood_max_peers``, the MILP over the best plan's movers and a few idle
+peers (:func:`milp_neighborhood`). Measured (``make bench-partitioner``, 100 swarms): after 2 of 8 peers leave the
+heuristic plans' median, 0.573 of the new bound, *is* the exact optimum within the one-move budget (the MILP
+raised 8 of 85 plans, not the median); after 1 of 4 leave, 0.799 -> 0.820, again the exact optimum.
 """
 
 from __future__ import annotations
@@ -63,6 +70,8 @@ class RebalancePlan:
     min_before: float = 0.0
     min_after: float = 0.0
     target: float = 0.0
+    budget_bound: Optional[float] = None  # tokens/s no plan within the move budget exceeds (only safe ones when the
+    # budget is one move); the MILP's dual bound, :func:`milp_plan`; None when it did not run
 
     def apply(self, placement: Placement) -> Placement:
         """The placement after every move."""
@@ -105,7 +114,8 @@ def plan_rebalance(peers: Sequence[PeerSpec], model: ModelSpec, placement: Place
                    max_moves: Optional[int] = None, max_move_fraction: float = 0.3, min_gain: float = 0.1,
                    settle: float = 0.97, evaluate: Optional[Callable[[Placement], float]] = None,
                    shortlist: int = 12, search_budget: int = 0, seed: int = 0, beam_budget: int = 0,
-                   beam: int = 4) -> RebalancePlan:
+                   beam: int = 4, milp_time_limit: float = 0.0, milp_max_peers: int = 8,
+                   milp_neighborhood_max_peers: int = 0, milp_extra: int = 4) -> RebalancePlan:
     """A rebalancing plan for the peers present (see the module docstring).
 
     Moves are chosen by lazy greedy: every peer's best move is scored once, as
@@ -132,6 +142,14 @@ def plan_rebalance(peers: Sequence[PeerSpec], model: ModelSpec, placement: Place
         ``max_moves`` and ``min_gain``) also plans from the current placement, and the plan (of it, the greedy one
         and the ``search_budget`` one) that serves the most under the max-flow LP is returned, the fewest moves
         among equals (for small swarms, as ``search_budget``)
+    :param milp_time_limit: if positive and at most ``milp_max_peers`` peers are present, :func:`milp_plan` (the
+        best placement within ``max_moves`` moves by the exact MILP, at most this many seconds, put in a safe order
+        by :func:`order_moves`) is a candidate too, as in ``beam_budget``; the plan's ``budget_bound`` then says how
+        much any plan within the budget could serve. Measured on the benchmark's swarms: after 2 of 8 peers leave
+        (6 left, 1 move), 0.1-0.5 s, solved exactly; 16 peers with 4 moves find no incumbent within 10 s
+    :param milp_neighborhood_max_peers: with ``milp_time_limit``: swarms above ``milp_max_peers`` and up to this
+        size get :func:`milp_neighborhood` instead (the MILP with only a few peers free to move: those the best plan
+        so far moves, then also the ``milp_extra`` peers its flow uses least), in ``milp_time_limit`` s in all
     """
     import heapq
 
@@ -160,7 +178,9 @@ def plan_rebalance(peers: Sequence[PeerSpec], model: ModelSpec, placement: Place
         fills = bool((count[s:s + k] <= 0).any())
         return L * (new_min - old_min) + (old_def - new_def), s, k, fills
 
-    if search_budget > 0 or beam_budget > 0:
+    use_milp = milp_time_limit > 0 and len(cur) <= milp_max_peers
+    use_hood = milp_time_limit > 0 and milp_max_peers < len(cur) <= milp_neighborhood_max_peers
+    if search_budget > 0 or beam_budget > 0 or use_milp or use_hood:
         start = dict(cur)
         best = plan_rebalance(peers, model, placement, max_moves=max_moves, min_gain=min_gain, settle=settle,
                               evaluate=evaluate, shortlist=shortlist)
@@ -169,6 +189,20 @@ def plan_rebalance(peers: Sequence[PeerSpec], model: ModelSpec, placement: Place
         if beam_budget > 0:
             best = _best_plan([best, search_moves(start, peers, model, max_moves, beam=beam, budget=beam_budget,
                                                   min_gain=min_gain)], start, peers, model)
+        if use_milp:
+            from .flow import max_flow, placed_peers
+
+            spec = [p for p in peers if p.peer_id in start]
+            have = max_flow(placed_peers(spec, model, best.apply(start)), L).throughput
+            # hysteresis: the MILP only looks for plans serving at least 0.1% more (its bound stays valid)
+            cand = milp_plan(start, peers, model, max_moves, time_limit=milp_time_limit, lower=have * (1 + 1e-3),
+                             upper=target)
+            bound = cand.budget_bound
+            best = _best_plan([best, cand], start, peers, model)
+            best.budget_bound = bound
+        if use_hood:
+            best = milp_neighborhood(best, start, peers, model, max_moves, time_limit=milp_time_limit, upper=target,
+                                     extra=milp_extra)
         return best
     if evaluate is not None:
         return _plan_with_evaluator(plan, cur, curves, prof, count, h_of, target, L, max_moves, min_gain, settle,
@@ -288,6 +322,73 @@ def order_moves(start: Placement, goal: Placement, peers: Sequence[PeerSpec], mo
             pending.remove(pid)
             progress = True
     return out
+
+
+def milp_plan(start: Placement, peers: Sequence[PeerSpec], model: ModelSpec, max_moves: int, *,
+              time_limit: float = 5.0, lower: float = 0.0, upper: Optional[float] = None) -> RebalancePlan:
+    """The best placement within ``max_moves`` moved peers that serves more than ``lower`` tokens/s, by the exact
+    MILP (:func:`partitioner.milp.best_rebalance`, at most ``time_limit`` s), as a plan: :func:`order_moves` puts
+    its moves in a safe order (peers carrying the least flow first; a peer that can never move safely keeps its
+    span, so the plan may stop short of the MILP's placement). No moves if the MILP finds nothing better.
+    ``budget_bound``: no placement within the budget serves more (tokens/s; the MILP's dual bound)."""
+    from .flow import max_flow, placed_peers
+    from .milp import best_rebalance
+
+    L = model.num_blocks
+    spec = [p for p in peers if p.peer_id in start]
+    curves = {p.peer_id: work_curve(p, model) for p in spec}
+    spec = [p for p in spec if len(curves[p.peer_id])]
+    cur = {p.peer_id: start[p.peer_id] for p in spec}
+    res = best_rebalance(spec, model, cur, max_moves, time_limit=time_limit, lower=lower, upper=upper)
+    plan = RebalancePlan(target=upper or 0.0, budget_bound=res.bound)
+    if res.placement:
+        sol = max_flow(placed_peers(spec, model, cur), L)
+        load = {pid: float(v.sum()) for pid, v in sol.load.items()}
+        plan.moves = order_moves(cur, {pid: res.placement.get(pid, cur[pid]) for pid in cur}, spec, model, load)
+    return plan
+
+
+def milp_neighborhood(plan: RebalancePlan, start: Placement, peers: Sequence[PeerSpec], model: ModelSpec,
+                      max_moves: int, *, time_limit: float = 4.0, upper: Optional[float] = None, extra: int = 4
+                      ) -> RebalancePlan:
+    """``plan`` improved by the MILP over a neighborhood (for swarms where the full rebalancing MILP finds nothing in
+    time): the best placement within ``max_moves`` moves from ``start`` in which only a few peers may move, first
+    those ``plan`` moves (their spans re-chosen jointly and exactly), then those plus the ``extra`` peers that the
+    flow of ``plan``'s end state uses least (utilization: the share of its compute the max flow uses); each with
+    half the ``time_limit`` (s), cut off at the best so far. Each result is put in a safe order
+    (:func:`order_moves`) and kept if it serves more (:func:`_best_plan`). Measured after 4 of 20 peers leave
+    (``make bench-partitioner``: 2 s in all per plan, a small gain on about half the swarms)."""
+    from .cost import compute_tps
+    from .flow import max_flow, placed_peers
+    from .milp import solve
+
+    L = model.num_blocks
+    spec = [p for p in peers if p.peer_id in start]
+    curves = {p.peer_id: work_curve(p, model) for p in spec}
+    spec = [p for p in spec if len(curves[p.peer_id])]
+    cur = {p.peer_id: start[p.peer_id] for p in spec}
+    sol0 = max_flow(placed_peers(spec, model, cur), L)
+    load0 = {pid: float(v.sum()) for pid, v in sol0.load.items()}
+    end = plan.apply(cur)
+    sol = max_flow(placed_peers(spec, model, end), L)
+    util = sorted((float(sol.load[p.peer_id].sum()) / max(compute_tps(p, model, end[p.peer_id][1] - end[p.peer_id][0]),
+                                                           1e-12) if p.peer_id in sol.load else 0.0, p.peer_id)
+                  for p in spec)
+    movers = [m.peer_id for m in plan.moves if m.peer_id in cur]
+    sets = [movers] if movers else []
+    sets.append(list(dict.fromkeys(movers + [pid for _, pid in util]))[:len(movers) + extra])
+    best, have = plan, sol.throughput
+    for j, free in enumerate(sets):
+        res = solve(spec, model, time_limit=time_limit / len(sets), lower=have, upper=upper, current=cur,
+                    max_moves=max_moves, movable=free)
+        if not res.placement:
+            continue
+        goal = {pid: res.placement.get(pid, cur[pid]) for pid in cur}
+        cand = RebalancePlan(moves=order_moves(cur, goal, spec, model, load0), min_before=plan.min_before,
+                             target=plan.target, budget_bound=plan.budget_bound)
+        best = _best_plan([best, cand], start, peers, model)
+        have = max_flow(placed_peers(spec, model, best.apply(cur)), L).throughput
+    return best
 
 
 def _improve_with_search(greedy: RebalancePlan, start: Placement, peers: Sequence[PeerSpec], model: ModelSpec,

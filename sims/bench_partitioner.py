@@ -10,7 +10,13 @@ Prints one table and writes ``out/bench_partitioner.json`` and ``out/partitioner
   rebalancing on its own placement for comparison. Swarms whose remaining peers cannot hold the model (new bound 0:
   nothing can be served by any placement) are counted apart ("model not coverable"), not in the fractions. Up to 20
   peers the plan may spend ``REBALANCE_SEARCH`` max-flow LPs on search from the greedy plan (``search_budget``) and
-  ``REBALANCE_BEAM`` on a beam search over safe move sequences (``beam_budget``);
+  ``REBALANCE_BEAM`` on a beam search over safe move sequences (``beam_budget``); up to ``REBALANCE_MILP_MAX``
+  peers left, the exact MILP (:mod:`partitioner.milp`) gives the best safe plan within the move budget and a bound
+  on what any plan within it could serve (the "best plan within the move budget" column, a median of
+  ``min(1, MILP bound / new bound)``), and from there up to ``REBALANCE_HOOD_MAX`` peers left the MILP over a
+  neighborhood of the best plan's moves;
+* the MILP (``--milp-time`` seconds a solve) also places swarms of up to ``sims.scale.sim.MILP_MAX_PEERS`` peers
+  (a candidate for our placement) and tightens their bound (static and after departures);
 * timing: a joining peer's span in a 10,000-peer swarm, a rebalancing plan and a fresh placement for 1,000 peers;
 * churn: served throughput over an hour of peers joining and leaving (the PNG).
 
@@ -34,7 +40,7 @@ from partitioner.petals import petals_rebalance
 from partitioner.placement import choose_span_for, plan_placement
 from partitioner.rebalance import check_plan, plan_rebalance, unserved_blocks
 from sims.scale.sim import (
-    evaluate_swarm, ours_throughput, petals_throughput_served, plot_churn, run_churn,
+    MILP_MAX_PEERS, evaluate_swarm, ours_throughput, petals_throughput_served, plot_churn, run_churn,
 )
 from sims.scale.swarmgen import make_peer, make_swarm
 
@@ -45,13 +51,21 @@ REBALANCE_MAX = 1000  # rebalancing is measured up to this size (each state cost
 REBALANCE_SEARCH = 120  # max-flow LPs the rebalancing plan may spend on search in small swarms (<= 20 peers)
 REBALANCE_BEAM = 300  # max-flow LPs for its beam search over safe move sequences there (partitioner.rebalance)
 PETALS_FLOW_EXACT_MAX = 1000  # Petals' placement under our routing: LP up to here, even-spread routing above
+MILP_TIME = 3.0  # seconds per MILP solve (partitioner.milp): our placement's candidate and the bound (static and
+# after 20% leave) in swarms of up to sims.scale.sim.MILP_MAX_PEERS peers, the rebalancing plan within the move
+# budget when at most REBALANCE_MILP_MAX peers remain
+REBALANCE_MILP_MAX = 8  # 6 peers left with 1 move: one small program per mover, about 0.1-0.5 s in all
+REBALANCE_HOOD_MAX = 20  # above that and up to here: the MILP over a neighborhood of the best plan's movers
+REBALANCE_HOOD_TIME = 2.0  # seconds for it (two programs). Measured: small gains on about half of 20 quick swarms
+# (at 4 s), the median after 4 of 20 leave unchanged (0.801) in the full run (at 2 s)
 
 
 def _pct(values, q):
     return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
-def static_and_rebalance(size: int, count: int, seed: int, petals_rebalance_max: int) -> Dict:
+def static_and_rebalance(size: int, count: int, seed: int, petals_rebalance_max: int, milp_time: float = MILP_TIME
+                         ) -> Dict:
     rng = np.random.default_rng(seed * 1_000_003 + size)
     exact = True
     rows, reb = [], []
@@ -59,8 +73,12 @@ def static_and_rebalance(size: int, count: int, seed: int, petals_rebalance_max:
     for _ in range(count):
         swarm = make_swarm(rng, size)
         model = swarm.model
-        r = evaluate_swarm(swarm, rng, exact, exact_petals_flow=size <= PETALS_FLOW_EXACT_MAX)
-        rows.append(dict(bound=r.bound, ours=r.ours, petals=r.petals, petals_flow=r.petals_flow, L=model.num_blocks))
+        t_static = time.time()
+        r = evaluate_swarm(swarm, rng, exact, exact_petals_flow=size <= PETALS_FLOW_EXACT_MAX, milp_time=milp_time)
+        t_static = time.time() - t_static
+        loose = upper_bound(swarm.peers, model) if milp_time > 0 and size <= MILP_MAX_PEERS else r.bound
+        rows.append(dict(bound=r.bound, loose_bound=loose, ours=r.ours, petals=r.petals, petals_flow=r.petals_flow,
+                         L=model.num_blocks, seconds=t_static))
         # rebalancing after 20% leave (our placement and Petals' own), same leavers for both
         if size > REBALANCE_MAX:
             continue
@@ -78,13 +96,21 @@ def static_and_rebalance(size: int, count: int, seed: int, petals_rebalance_max:
         # small swarms: the plan scores its candidate moves with the max-flow evaluator
         ev = (lambda pl, keep=keep: ours_throughput(keep, model, pl, True)) if size <= 20 else None
         plan = plan_rebalance(keep, model, rest, evaluate=ev, search_budget=REBALANCE_SEARCH if size <= 20 else 0,
-                              beam_budget=REBALANCE_BEAM if size <= 20 else 0)
+                              beam_budget=REBALANCE_BEAM if size <= 20 else 0,
+                              milp_time_limit=(milp_time if len(keep) <= REBALANCE_MILP_MAX else
+                                               REBALANCE_HOOD_TIME * (milp_time > 0)),
+                              milp_max_peers=REBALANCE_MILP_MAX, milp_neighborhood_max_peers=REBALANCE_HOOD_MAX)
         plan_s = time.time() - t
         after_pl = plan.apply(rest)
         after = ours_throughput(keep, model, after_pl, exact)
         unsafe = check_plan(rest, plan, model.num_blocks)
-        row = dict(coverable=True, new_bound=new_bound, before=before, after=after, moved=len(plan.moves),
-                   remaining=len(keep), unsafe_blocks=len(unsafe), plan_s=plan_s)
+        # the new bound, tightened by the MILP (cut off at what the plan serves) where it runs
+        loose_new_bound = new_bound
+        new_bound = upper_bound(keep, model, milp_time_limit=milp_time, milp_max_peers=MILP_MAX_PEERS,
+                                milp_lower=after)
+        row = dict(coverable=True, new_bound=new_bound, loose_new_bound=loose_new_bound, before=before, after=after,
+                   moved=len(plan.moves), remaining=len(keep), unsafe_blocks=len(unsafe), plan_s=plan_s,
+                   budget_bound=plan.budget_bound)
         if size <= petals_rebalance_max:
             pp = r.petals_placement
             prest = {p.peer_id: pp[p.peer_id] for p in keep}
@@ -121,6 +147,10 @@ def summarize(res: Dict) -> Dict:
         petals_flow_med=float(np.median(pflow)),
         ratio_med=float(np.median(ratio)), ratio_p10=_pct(ratio, 10), ratio_min=float(ratio.min()),
         ours_below_petals=int((ratio < 1 - 1e-9).sum()),
+        bound_tightening_med=float(np.median([r["bound"] / r.get("loose_bound", r["bound"]) for r in rows])),
+        bound_tightening_min=float(min(r["bound"] / r.get("loose_bound", r["bound"]) for r in rows)),
+        ours_loose_med=float(np.median([r["ours"] / r.get("loose_bound", r["bound"]) for r in rows])),
+        static_s_med=float(np.median([r.get("seconds", 0.0) for r in rows])),
         reb_swarms=len(reb), reb_uncoverable=len(res["rebalance"]) - len(reb),
     )
     if reb:
@@ -132,7 +162,14 @@ def summarize(res: Dict) -> Dict:
             reb_moved_max=float(max(r["moved"] / r["remaining"] for r in reb)),
             reb_unsafe=int(sum(1 for r in reb if r["unsafe_blocks"])),
             reb_plan_s_max=float(max(r["plan_s"] for r in reb)),
+            reb_plan_s_med=float(np.median([r["plan_s"] for r in reb])),
+            reb_after_loose_med=float(np.median([r["after"] / r.get("loose_new_bound", r["new_bound"]) for r in reb])),
         )
+        bb = [r for r in reb if r.get("budget_bound") is not None]
+        if bb:  # the most any plan within the move budget can serve (the MILP's dual bound), per the new bound
+            out.update(reb_budget_bound_med=float(np.median([min(r["budget_bound"] / r["new_bound"], 1.0)
+                                                             for r in bb])),
+                       reb_budget_bound_swarms=len(bb))
         pr = [r for r in reb if "petals_after" in r]
         if pr:
             out.update(
@@ -198,16 +235,17 @@ def print_table(summaries: List[Dict], tim: Dict, churn: Dict) -> None:
     print()
     print("After 20% of peers leave (fractions of the new bound; moved = share of remaining peers)")
     print("| peers | swarms | before plan | after plan med | after plan p10 | moved med | moved max | "
-          "plans with an unserved block mid-way | Petals after | Petals moved | Petals steps unserving a block | "
-          "model not coverable |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "plans with an unserved block mid-way | best plan within the move budget (MILP bound) | Petals after | "
+          "Petals moved | Petals steps unserving a block | model not coverable |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s in summaries:
         if not s.get("reb_swarms"):
             continue
         pr = s.get("petals_reb_swarms")
         print(f"| {s['size']} | {s['reb_swarms']} | {fmt(s['reb_before_med'], 3)} | {fmt(s['reb_after_med'], 3)} | "
               f"{fmt(s['reb_after_p10'], 3)} | {fmt(s['reb_moved_med'], 3)} | {fmt(s['reb_moved_max'], 3)} | "
-              f"{s['reb_unsafe']} | {fmt(s.get('petals_reb_after_med', float('nan')), 3)} | "
+              f"{s['reb_unsafe']} | {fmt(s.get('reb_budget_bound_med', float('nan')), 3)} | "
+              f"{fmt(s.get('petals_reb_after_med', float('nan')), 3)} | "
               f"{fmt(s.get('petals_reb_moved_med', float('nan')), 3)} | "
               f"{s.get('petals_reb_unsafe', '—') if pr else '—'} | {s['reb_uncoverable']} |")
     print()
@@ -230,18 +268,33 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="out")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated swarm sizes")
+    ap.add_argument("--milp-time", type=float, default=MILP_TIME,
+                    help=f"seconds per MILP solve: placement and bound up to {MILP_MAX_PEERS} peers, rebalancing up "
+                         f"to {REBALANCE_MILP_MAX} peers left ({REBALANCE_HOOD_TIME:g} s for the neighborhood MILP up "
+                         f"to {REBALANCE_HOOD_MAX}); 0: no MILP at all")
+    ap.add_argument("--no-timing", action="store_true", help="skip the timing and churn runs (static tables only)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     counts = QUICK_COUNTS if args.quick else FULL_COUNTS
     sizes = [int(s) for s in args.sizes.split(",") if s]
     summaries, raw = [], []
     for size in sizes:
-        res = static_and_rebalance(size, counts.get(size, 10), args.seed, petals_rebalance_max=20 if args.quick else 100)
+        res = static_and_rebalance(size, counts.get(size, 10), args.seed, petals_rebalance_max=20 if args.quick else 100,
+                                   milp_time=args.milp_time)
         raw.append(res)
         summaries.append(summarize(res))
         s = summaries[-1]
-        print(f"[{size} peers: {s['swarms']} swarms in {res['seconds']:.0f} s] ours {s['ours_med']:.3f} of the bound, "
-              f"Petals {s['petals_med']:.4f}", flush=True)
+        print(f"[{size} peers: {s['swarms']} swarms in {res['seconds']:.0f} s] ours {s['ours_med']:.3f} of the bound "
+              f"(p10 {s['ours_p10']:.3f}; {s['ours_loose_med']:.3f} of the bound without the MILP), "
+              f"Petals {s['petals_med']:.4f}; after 20% leave {s.get('reb_after_med', float('nan')):.3f} "
+              f"(p10 {s.get('reb_after_p10', float('nan')):.3f}; best within the move budget <= "
+              f"{s.get('reb_budget_bound_med', float('nan')):.3f})", flush=True)
+    if args.no_timing:
+        print(json.dumps(summaries, indent=1))
+        with open(os.path.join(args.out, "bench_partitioner_static.json"), "w") as f:
+            json.dump(dict(summaries=summaries, quick=args.quick, seed=args.seed, milp_time=args.milp_time, raw=raw),
+                      f, indent=1)
+        return
     tim = timing(args.seed, args.quick)
     peers, duration = (20, 1200.0) if args.quick else (40, 3600.0)
     t = time.time()

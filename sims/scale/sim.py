@@ -58,14 +58,16 @@ def petals_throughput_served(peers: Sequence[PeerSpec], model: ModelSpec, placem
     return served_throughput(placed_peers(peers, model, placement), petals_usage(placement, model.num_blocks))
 
 
-def ours_place(swarm: Swarm, exact: bool) -> Placement:
+def ours_place(swarm: Swarm, exact: bool, milp_time: float = 0.0) -> Placement:
     """Our placement. Small swarms (up to ``EXACT_SELECT_MAX`` peers) pick among candidates with the max-flow
     evaluator, refine with it and then run :func:`partitioner.placement.search_with_flow` (``SEARCH_BUDGET`` LPs);
-    larger ones use the even-spread profile (:func:`partitioner.placement.plan_placement`)."""
+    larger ones use the even-spread profile (:func:`partitioner.placement.plan_placement`). ``milp_time``: seconds
+    for :func:`plan_placement`'s MILP candidate (swarms of up to ``MILP_MAX_PEERS`` peers; 0: none)."""
     peers, model = swarm.peers, swarm.model
     if exact and len(peers) <= EXACT_SELECT_MAX:
         pl = plan_placement(peers, model, evaluate=lambda pl: ours_throughput(peers, model, pl, True),
-                            refine_budget=20, flow_refine=20, restarts=6)
+                            refine_budget=20, flow_refine=20, restarts=6, milp_time_limit=milp_time,
+                            milp_max_peers=MILP_MAX_PEERS)
         return search_with_flow(pl, peers, model, budget=SEARCH_BUDGET)
     if len(peers) <= 200:
         return plan_placement(peers, model)
@@ -74,6 +76,10 @@ def ours_place(swarm: Swarm, exact: bool) -> Placement:
 
 EXACT_SELECT_MAX = 20
 SEARCH_BUDGET = 150
+MILP_MAX_PEERS = 4  # the placement MILP (partitioner.milp) runs for swarms up to this size when asked for: our
+# placement's candidate and the bound. Measured on the benchmark's swarms (32-80 blocks): 4 peers solve in 0.2-5 s;
+# at 8 peers neither the exact program's dual bound nor a grid-restricted program's incumbent improves on the
+# heuristics within 3-10 s (make bench-partitioner, --milp-time), so they would only add time there
 
 
 @dataclass
@@ -91,15 +97,17 @@ class StaticResult:
     petals_placement: Placement = field(default_factory=dict)
 
 
-def evaluate_swarm(swarm: Swarm, rng: np.random.Generator, exact: bool, exact_petals_flow: bool = True
-                   ) -> StaticResult:
+def evaluate_swarm(swarm: Swarm, rng: np.random.Generator, exact: bool, exact_petals_flow: bool = True,
+                   milp_time: float = 0.0) -> StaticResult:
     """Place ``swarm`` with both systems (Petals servers join in random order) and measure them: ours with the
     max-flow LP when ``exact`` (else the even-spread routing, a lower bound), Petals with its own routing; the
-    Petals placement under our routing with the LP when ``exact_petals_flow``."""
+    Petals placement under our routing with the LP when ``exact_petals_flow``. ``milp_time``: seconds for each
+    MILP (our placement's candidate, and the bound's, cut off at what ours serves) in swarms of up to
+    ``MILP_MAX_PEERS`` peers."""
     peers, model = swarm.peers, swarm.model
-    bound = upper_bound(peers, model)
-    pl = ours_place(swarm, exact)
+    pl = ours_place(swarm, exact, milp_time)
     ours = ours_throughput(peers, model, pl, exact)
+    bound = upper_bound(peers, model, milp_time_limit=milp_time, milp_max_peers=MILP_MAX_PEERS, milp_lower=ours)
     order = [peers[i] for i in rng.permutation(len(peers))]
     pp = petals_place(order, model)
     petals = petals_throughput_served(peers, model, pp)

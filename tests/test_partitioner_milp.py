@@ -1,0 +1,163 @@
+"""The placement MILP (partitioner.milp): its optimum against exhaustive search, its dual bound against placements,
+the grid restriction and relaxation, and rebalancing within a move budget."""
+
+import numpy as np
+import pytest
+
+from partitioner.bound import upper_bound
+from partitioner.cost import max_blocks
+from partitioner.flow import max_flow, placed_peers
+from partitioner.milp import best_rebalance, grid_bound, grid_for, solve
+from partitioner.rebalance import check_plan, milp_plan, order_moves, plan_rebalance, unserved_blocks
+
+from tests.test_partitioner import _exhaustive_best, _random_swarm, _tiny_swarm
+
+
+def _flow(peers, model, pl):
+    return max_flow(placed_peers(peers, model, pl), model.num_blocks).throughput
+
+
+@pytest.mark.parametrize("n,L,seed", [(3, 4, s) for s in range(8)] + [(4, 4, s) for s in (6, 10, 11)]
+                         + [(2, 6, s) for s in range(3)])
+def test_milp_optimum_equals_exhaustive_search(n, L, seed):
+    rng = np.random.default_rng(seed)
+    model, peers = _tiny_swarm(rng, n, L)
+    best = _exhaustive_best(model, peers)
+    res = solve(peers, model, time_limit=30)
+    assert res.status == 0
+    # the incumbent, measured by the evaluator, is the exhaustive optimum, and so is the dual bound
+    assert _flow(peers, model, res.placement) == pytest.approx(best, rel=1e-5)
+    assert res.value == pytest.approx(best, rel=2e-4)  # the MILP's own lam, within the solver's tolerances
+    assert best <= res.bound <= best * (1 + 2e-4)  # HiGHS stops at a relative gap of 1e-4
+    # and it never exceeds the relaxation bound
+    assert res.bound <= upper_bound(peers, model) * (1 + 2e-4)
+    for p in peers:
+        if p.peer_id in res.placement:
+            s, e = res.placement[p.peer_id]
+            assert 0 <= s < e <= L and e - s <= max_blocks(p, model)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_milp_bound_with_a_cutoff_proves_the_optimum(seed):
+    # cut off at the exhaustive optimum: nothing better exists, and the bound says so
+    rng = np.random.default_rng(seed)
+    model, peers = _tiny_swarm(rng, 3, 4)
+    best = _exhaustive_best(model, peers)
+    res = solve(peers, model, time_limit=30, lower=best)
+    # nothing better exists (an incumbent at the cutoff may come back, within the solver's tolerance)
+    assert res.placement is None or _flow(peers, model, res.placement) <= best * (1 + 1e-6)
+    assert best <= res.bound <= best * (1 + 2e-4)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_dual_bound_is_above_random_placements_even_when_stopped_early(seed):
+    rng = np.random.default_rng(1500 + seed)
+    model, peers = _random_swarm(rng, int(rng.integers(3, 7)), L=int(rng.integers(6, 14)))
+    ub = upper_bound(peers, model)
+    early = solve(peers, model, time_limit=0.05, upper=ub)  # stopped by the limit: the dual bound, not the incumbent
+    full = solve(peers, model, time_limit=20, upper=ub)
+    relaxed = grid_bound(peers, model, 3, time_limit=20, upper=ub)
+    assert full.bound <= early.bound * (1 + 1e-6) and full.bound <= ub * (1 + 1e-5)
+    for _ in range(8):
+        pl = {}
+        for p in peers:
+            k = int(rng.integers(1, max_blocks(p, model) + 1))
+            s = int(rng.integers(0, model.num_blocks - k + 1))
+            pl[p.peer_id] = (s, s + k)
+        thr = _flow(peers, model, pl)
+        assert thr <= early.bound * (1 + 1e-6)
+        assert thr <= full.bound * (1 + 1e-6)
+        assert thr <= relaxed.bound * (1 + 1e-6)
+    if full.status == 0:
+        assert _flow(peers, model, full.placement) >= full.bound * (1 - 2e-4)  # mip_rel_gap 1e-4
+
+
+def test_upper_bound_with_milp_is_no_looser_and_still_above_the_optimum():
+    rng = np.random.default_rng(28)  # the knapsack bound is 1.5x the optimum here (test_partitioner_bound)
+    model, peers = _tiny_swarm(rng, 3, 4)
+    best = _exhaustive_best(model, peers)
+    plain = upper_bound(peers, model)
+    tight = upper_bound(peers, model, milp_time_limit=10)
+    assert best <= tight * (1 + 1e-6) and tight <= plain * (1 + 1e-9)
+    assert tight == pytest.approx(best, rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_grid_restriction_places_on_the_grid_and_is_evaluated_exactly(seed):
+    rng = np.random.default_rng(1600 + seed)
+    model, peers = _random_swarm(rng, 4, L=12)
+    grid = grid_for(12, 4)
+    res = solve(peers, model, time_limit=20, grid=grid)
+    assert res.bound == float("inf")  # a restriction bounds nothing
+    assert res.placement
+    for s, e in res.placement.values():
+        assert s in grid and e in grid
+    # for grid-aligned spans the per-group program is the max-flow LP itself
+    assert res.value == pytest.approx(_flow(peers, model, res.placement), rel=1e-4)
+
+
+def _left(seed, n, L, leave):
+    from partitioner.placement import plan_placement
+
+    rng = np.random.default_rng(seed)
+    model, peers = _random_swarm(rng, n, L=L)
+    pl = plan_placement(peers, model)
+    keep = [p for p in peers if rng.random() > leave] or peers[:1]
+    return model, keep, {p.peer_id: pl[p.peer_id] for p in keep}
+
+
+@pytest.mark.parametrize("seed,n,budget", [(0, 6, 1), (1, 6, 1), (2, 7, 2), (3, 5, 1)])
+def test_rebalance_milp_never_exceeds_its_move_budget(seed, n, budget):
+    model, keep, rest = _left(1700 + seed, n, 10, 0.3)
+    res = best_rebalance(keep, model, rest, budget, time_limit=20)
+    if res.placement:
+        changed = [pid for pid in rest if res.placement[pid] != rest[pid]]
+        assert len(changed) <= budget
+        assert res.value <= res.bound * (1 + 1e-6)
+    # the single-program path (a binary "moved" per peer) keeps the budget too
+    one = best_rebalance(keep, model, rest, budget, time_limit=20, subset_limit=0)
+    if one.placement:
+        assert sum(one.placement[pid] != rest[pid] for pid in rest) <= budget
+    plan = milp_plan(rest, keep, model, budget, time_limit=20)
+    assert len({m.peer_id for m in plan.moves}) == len(plan.moves) <= budget
+    assert check_plan(rest, plan, model.num_blocks) == []
+    # no plan within the budget beats the bound: try every single move of every peer
+    if budget == 1 and res.status == 0:
+        for p in keep:
+            for k in range(1, max_blocks(p, model) + 1):
+                for s in range(model.num_blocks - k + 1):
+                    trial = dict(rest)
+                    trial[p.peer_id] = (s, s + k)
+                    moves = order_moves(rest, trial, keep, model)
+                    if len(moves) == 1:  # a safe move, the only kind the bound covers
+                        assert _flow(keep, model, trial) <= res.bound * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_plan_rebalance_with_milp_is_safe_within_budget_and_no_worse(seed):
+    model, keep, rest = _left(1800 + seed, 7, 12, 0.25)
+    budget = max(1, int(0.3 * len(keep)))
+    plain = plan_rebalance(keep, model, rest, search_budget=20)
+    plan = plan_rebalance(keep, model, rest, search_budget=20, milp_time_limit=10)
+    assert len({m.peer_id for m in plan.moves}) == len(plan.moves) <= budget
+    assert check_plan(rest, plan, model.num_blocks) == []
+    end, end0 = plan.apply(rest), plain.apply(rest)
+    assert len(unserved_blocks(end, model.num_blocks)) <= len(unserved_blocks(end0, model.num_blocks))
+    if not unserved_blocks(end0, model.num_blocks):
+        assert _flow(keep, model, end) >= _flow(keep, model, end0) * (1 - 1e-9)
+    if upper_bound(keep, model) > 0:
+        assert plan.budget_bound is not None and _flow(keep, model, end) <= plan.budget_bound * (1 + 1e-6)
+
+
+def test_plan_placement_takes_the_milp_incumbent_only_when_better():
+    from partitioner.placement import plan_placement
+
+    rng = np.random.default_rng(1900)
+    model, peers = _random_swarm(rng, 4, L=10)
+    base = plan_placement(peers, model)
+    with_milp = plan_placement(peers, model, milp_time_limit=10)
+    assert _flow(peers, model, with_milp) >= _flow(peers, model, base) * (1 - 1e-9)
+    assert set(with_milp) == set(base)
+    res = solve(peers, model, time_limit=10)
+    if res.status == 0:
+        assert _flow(peers, model, with_milp) == pytest.approx(res.value, rel=2e-4)
