@@ -178,3 +178,32 @@ def test_a_shut_down_client_fails_at_once(setup):
         client.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
     with pytest.raises(SwarmError, match="shut down"):
         client(torch.tensor([[1, 2, 3]]))
+
+
+def test_a_small_head_is_computed_on_one_thread_during_generate(setup):
+    """Idle OpenMP threads of the client busy-wait while it waits on the swarm and take cores from peers on the same
+    machine; a small LM head runs as fast on one thread, so generate uses one and restores torch's setting."""
+    import torch as t
+
+    path, swarm, client = setup
+    seen = []
+
+    class Threads:
+        def put(self, _):
+            seen.append(t.get_num_threads())
+
+        def end(self):
+            pass
+
+    before = t.get_num_threads()
+    t.set_num_threads(2)
+    try:
+        client.generate(t.tensor([[5, 6, 7]]), max_new_tokens=3, streamer=Threads())
+        assert seen[1:] == [1, 1, 1] and t.get_num_threads() == 2  # the prompt's put comes before the loop
+        seen.clear()
+        client.client_threads = None  # torch's setting
+        client.generate(t.tensor([[5, 6, 7]]), max_new_tokens=3, streamer=Threads())
+        assert seen[1:] == [2, 2, 2]
+    finally:
+        client.client_threads = "auto"
+        t.set_num_threads(before)
