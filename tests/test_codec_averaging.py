@@ -66,7 +66,13 @@ def _average(dhts, inputs, compression: str, prefix: str):
 @pytest.mark.parametrize("compression", ["none", "fp16", "8bit"])
 def test_averaged_result_is_the_mean_within_the_codec_bound(dhts, compression):
     inputs = _inputs(seed={"none": 1, "fp16": 2, "8bit": 3}[compression])
-    results, traffic = _average(dhts, inputs, compression, prefix=f"codec_{compression.replace('8', 'eight')}")
+    # a round in which a groupmate's part timed out (hivemind keeps the local values for it; the outer step redoes
+    # such a round) says nothing about the codec: on a loaded machine try up to 3 rounds for one without failures
+    for attempt in range(3):
+        prefix = f"codec_{compression.replace('8', 'eight')}_{attempt}"
+        results, traffic = _average(dhts, inputs, compression, prefix=prefix)
+        if all(t["failed_reducers"] == 0 for t in traffic):
+            break
     numel = sum(torch.Size(s).numel() for s in SHAPES)
     for i, shape in enumerate(SHAPES):
         per_peer = [inp[i] for inp in inputs]

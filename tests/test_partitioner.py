@@ -204,12 +204,18 @@ def test_bound_is_above_every_placement(seed):
         assert max_flow(placed_peers(peers, model, pl), model.num_blocks).throughput <= ub * (1 + 1e-6)
     # random placements too
     for _ in range(5):
-        pl = {}
-        for p in peers:
-            k = int(rng.integers(1, max_blocks(p, model) + 1))
-            s = int(rng.integers(0, model.num_blocks - k + 1))
-            pl[p.peer_id] = (s, s + k)
+        pl = _random_placement(peers, model, rng)
         assert max_flow(placed_peers(peers, model, pl), model.num_blocks).throughput <= ub * (1 + 1e-6)
+
+
+def _random_placement(peers, model, rng):
+    """A span of random length (within memory) and start for every peer."""
+    pl = {}
+    for p in peers:
+        k = int(rng.integers(1, max_blocks(p, model) + 1))
+        s = int(rng.integers(0, model.num_blocks - k + 1))
+        pl[p.peer_id] = (s, s + k)
+    return pl
 
 
 def _tiny_swarm(rng, n, L):

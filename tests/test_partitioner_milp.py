@@ -10,7 +10,7 @@ from partitioner.flow import max_flow, placed_peers
 from partitioner.milp import best_rebalance, grid_bound, grid_for, solve
 from partitioner.rebalance import check_plan, milp_plan, order_moves, plan_rebalance, unserved_blocks
 
-from tests.test_partitioner import _exhaustive_best, _random_swarm, _tiny_swarm
+from tests.test_partitioner import _exhaustive_best, _random_placement, _random_swarm, _tiny_swarm
 
 
 def _flow(peers, model, pl):
@@ -59,12 +59,7 @@ def test_dual_bound_is_above_random_placements_even_when_stopped_early(seed):
     relaxed = grid_bound(peers, model, 3, time_limit=20, upper=ub)
     assert full.bound <= early.bound * (1 + 1e-6) and full.bound <= ub * (1 + 1e-5)
     for _ in range(8):
-        pl = {}
-        for p in peers:
-            k = int(rng.integers(1, max_blocks(p, model) + 1))
-            s = int(rng.integers(0, model.num_blocks - k + 1))
-            pl[p.peer_id] = (s, s + k)
-        thr = _flow(peers, model, pl)
+        thr = _flow(peers, model, _random_placement(peers, model, rng))
         assert thr <= early.bound * (1 + 1e-6)
         assert thr <= full.bound * (1 + 1e-6)
         assert thr <= relaxed.bound * (1 + 1e-6)

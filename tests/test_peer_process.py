@@ -420,6 +420,14 @@ def test_generate_json_has_one_shape(swarm, mha_model, capsys):
     assert outputs[0]["results"][0]["new_ids"] == outputs[1]["results"][0]["new_ids"]
 
 
+def _read_until_running(proc, lines):
+    """Append ``swarm sim up``'s output lines to ``lines`` until it says it runs (or exits)."""
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("press Ctrl-C"):
+            break
+
+
 def test_sim_up_keeps_running_when_a_peer_exits(mha_model):
     """Found by a user test: ``swarm sim up`` stopped the whole swarm when one peer exited. It now says so in one
     line and keeps the rest running; Ctrl-C still stops everything."""
@@ -430,10 +438,7 @@ def test_sim_up_keeps_running_when_a_peer_exits(mha_model):
     )
     lines = []
     try:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("press Ctrl-C"):
-                break
+        _read_until_running(proc, lines)
         assert proc.poll() is None, "".join(lines)
         everything = psutil.Process(proc.pid).children(recursive=True)
         peers = sorted((c for c in psutil.Process(proc.pid).children() if "peer" in c.cmdline()),
@@ -474,10 +479,7 @@ def test_sim_up_listens_on_host_and_removes_its_logs(mha_model):
     )
     lines = []
     try:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("press Ctrl-C"):
-                break
+        _read_until_running(proc, lines)
         text = "".join(lines)
         assert proc.poll() is None, text
         log_dir = re.search(r"logs in (\S+?), removed at exit", text).group(1)
