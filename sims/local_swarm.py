@@ -202,6 +202,10 @@ class LocalSwarm:
             for i in range(len(self.spans)):
                 self.start_peer(i)
             self._wait(self.peers, t0)
+        except SwarmStartError:
+            self._own_log_dir = False  # the error names a log file: keep it
+            self.stop()
+            raise
         except BaseException:
             self.stop()
             raise

@@ -435,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = simsub.add_parser("up", help="start a bootstrap node and N peers on 127.0.0.1 until Ctrl-C")
     up.add_argument("--peers", type=_positive_int, default=3, help="number of peers")
     up.add_argument("--model", default=None, help="local path or hub id (default: the embedded model)")
-    up.add_argument("--blocks-per-peer", type=_positive_int, default=None, help="blocks each peer holds (default: spread evenly)")
+    up.add_argument("--blocks-per-peer", type=_positive_int, default=None, help="blocks each peer holds (default: half the model, all of it for one peer; spans laid "
+                         "round-robin, so peers beyond two add replicas)")
     up.add_argument("--host", default="127.0.0.1",
                     help="IP address the bootstrap node and the peers listen on (0.0.0.0: every interface)")
     up.add_argument("--log-dir", default=None, help="write the processes' logs to this folder (kept after exit)")
@@ -451,8 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_join_negative_spans(list(sys.argv[1:] if argv is None else argv)))
-    _setup_logging(args.log_level)
-    return int(args.func(args) or 0)
+    try:
+        _setup_logging(args.log_level)
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handling starts (e.g. while importing)
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

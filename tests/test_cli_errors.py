@@ -151,3 +151,17 @@ def test_a_key_file_in_use_by_a_running_process_is_refused(mha_model, tmp_path):
 
     lock_identity(str(key))
     identity._HELD_LOCKS.pop().close()
+
+
+def test_ctrl_c_before_a_command_handles_it_is_one_line(monkeypatch, capsys):
+    """Ctrl-C in the first second of `swarm generate` or `swarm peer` (while they import the network stack) printed
+    a 20-30 line KeyboardInterrupt traceback."""
+    import swarm.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_peer", interrupted)
+    assert cli.main(["peer", "--new-swarm", "--blocks", "0:1"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "interrupted" and "Traceback" not in err

@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -581,3 +582,15 @@ def test_help_shows_defaults(capsys):
         out = " ".join(capsys.readouterr().out.split())  # help text wraps lines
         assert expected in out, (command, out[-800:])
         assert "(default: None)" not in out
+
+
+def test_a_failed_start_keeps_the_log_it_names(mha_model, tmp_path):
+    """`swarm sim up` names the log of a process that failed to start; the temporary folder holding it used to be
+    removed at exit, so the named file did not exist."""
+    from sims.local_swarm import LocalSwarm, SwarmStartError
+
+    with pytest.raises(SwarmStartError) as info:
+        LocalSwarm(mha_model, num_peers=1, peer_args=["--dtype", "bogus"]).start()
+    assert os.path.exists(info.value.log_path), info.value.log_path
+    assert "bogus" in open(info.value.log_path).read()
+    shutil.rmtree(os.path.dirname(info.value.log_path))
