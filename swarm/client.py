@@ -254,14 +254,9 @@ class _HopStream:
         step = meta.get("step")
         response, answer_meta = await self._answer(timeout, lambda m: m.get("step") == step, answer)
         self.last_pushed = answer_meta.get("pushed") is True
-        if not response.tensors:
-            if self.last_pushed and self.keeps_outputs:
-                return None
-            raise _PeerFailed(self.peer_id, "answered a step without its output")
-        out = decode_tensor(response.tensors[0], max_numel=math.prod(shape), ndim=3)
-        if list(out.shape) != shape:
-            raise _PeerFailed(self.peer_id, f"returned shape {list(out.shape)}, expected {shape}")
-        return out
+        if not response.tensors and self.last_pushed and self.keeps_outputs:
+            return None
+        return self._decoded(response, shape, "a step's output")
 
     async def fetch_outputs(self, first: int, end: int, batch: int, hidden_size: int, timeout: float) -> torch.Tensor:
         """The outputs this peer kept for token positions ``first .. end-1`` of the session:
@@ -272,12 +267,15 @@ class _HopStream:
         answer = asyncio.ensure_future(self.outputs.__anext__())
         await self.queue.put(runtime_pb2.ExpertRequest(metadata=pack({"outputs": [first, end]})))
         response, _ = await self._answer(timeout, lambda m: "outputs" in m, answer)
-        shape = [batch, end - first, hidden_size]
+        return self._decoded(response, [batch, end - first, hidden_size], "kept outputs")
+
+    def _decoded(self, response, shape: List[int], what: str) -> torch.Tensor:
+        """The response's tensor, which must have ``shape``. :raises _PeerFailed: if it is missing or misshapen"""
         if not response.tensors:
-            raise _PeerFailed(self.peer_id, "answered an outputs request without them")
+            raise _PeerFailed(self.peer_id, f"answered without {what}")
         out = decode_tensor(response.tensors[0], max_numel=math.prod(shape), ndim=3)
         if list(out.shape) != shape:
-            raise _PeerFailed(self.peer_id, f"returned kept outputs of shape {list(out.shape)}, expected {shape}")
+            raise _PeerFailed(self.peer_id, f"returned {what} of shape {list(out.shape)}, expected {shape}")
         return out
 
     @staticmethod
@@ -389,12 +387,12 @@ class _InputLost(Exception):
 def _link_for_push(hops: List["_HopStream"], keep_outputs: bool = True) -> None:
     """Ask each peer of a chain to push its step outputs straight to the next peer (as Petals does): a decode
     step then crosses client -> peer 1 -> peer 2 -> ... -> client, one network leg per hop plus one, instead of a
-    round trip to the client per hop. The client still receives every peer's output and sends it on itself, so
-    its per-hop history (for replay) is unchanged; it sends that output on to the next peer only if the push does
-    not answer in time (:meth:`_HopStream.send`'s ``pushed_wait``), so a decode step costs one message per hop
-    plus the answers. A peer computes each step once, from whichever copy arrives first. A pushing peer also keeps
-    its outputs and answers pushed steps without them (``keep_outputs``): the client fetches them only when it
-    needs them (a replay into a replacement for the next peer, or a push that did not arrive)."""
+    round trip to the client per hop. The client sends a step to the next peer itself only if the push does not
+    answer in time (:meth:`_HopStream.send`'s ``pushed_wait``), so a decode step costs one message per hop plus
+    the answers. A peer computes each step once, from whichever copy arrives first. A pushing peer also keeps its
+    outputs and answers pushed steps without them (``keep_outputs``; the chain's first peer, ``silent``, does not
+    answer them at all): the client fetches them only when it needs them (a replay into a replacement for the
+    next peer, or a push that did not arrive)."""
     for prev, nxt in zip(hops, hops[1:]):
         if prev.pending_open is None or nxt.pending_open is None or prev.peer_id == nxt.peer_id:
             continue
@@ -406,6 +404,15 @@ def _link_for_push(hops: List["_HopStream"], keep_outputs: bool = True) -> None:
             prev.pending_open["silent"] = prev.silent = True
         nxt.pending_open["push_from"] = prev.peer_id
         nxt.pushed_into = True
+
+
+def _fill_missing(history: List[tuple], first: int, tensors: Sequence[torch.Tensor]) -> None:
+    """Put ``tensors`` (``[batch, tokens, hidden]`` per step, from step ``first`` on) into ``history``'s missing
+    inputs (``(None, mask, tokens)``) of the same token count."""
+    for k, t in zip(range(first, len(history)), tensors):
+        h, m, n = history[k]
+        if h is None and t.shape[1] == n:
+            history[k] = (t, m, n)
 
 
 def _concat_history(history: List[tuple]):
@@ -571,10 +578,7 @@ class InferenceSession:
         self.hops[index:index + 1] = new_hops
         after = index + len(new_hops)
         if after < len(self.hops):
-            history = self.hops[after].history
-            for k, ((h, m, n), (o, _, n_out)) in enumerate(zip(history, inputs)):
-                if h is None and n == n_out:
-                    history[k] = (o, m, n)
+            _fill_missing(self.hops[after].history, 0, [o for o, _, _ in inputs])
         return after, inputs
 
     async def _fill_history(self, index: int, deadline: float) -> int:
@@ -587,36 +591,40 @@ class InferenceSession:
         missing = [k for k, (h, _, _) in enumerate(history) if h is None]
         if not missing:
             return index
-        prev = self.hops[index - 1]
         lengths = [n for _, _, n in history]
-        first, end = sum(lengths[:missing[0]]), sum(lengths)
         try:
-            outs = await prev.fetch_outputs(first, end, self.batch_size, self.hidden_size,
-                                            self.model.step_timeout_for(prev, self.batch_size * (end - first)))
-        except _PeerFailed as e:
-            return (await self._input_lost(index, e, deadline))[0]
-        self.model.stats["outputs_fetched"] += 1
-        for k, part in zip(range(missing[0], len(history)), outs.split(lengths[missing[0]:], dim=1)):
-            h, m, n = history[k]
-            if h is None:
-                history[k] = (part, m, n)
+            outs = await self._fetch_kept(index, sum(lengths[:missing[0]]), sum(lengths))
+        except _PeerFailed as e:  # the previous peer is gone: its replacement's replay fills them
+            return (await self._fail_over(index - 1, e, deadline))[0]
+        _fill_missing(history, missing[0], outs.split(lengths[missing[0]:], dim=1))
         return index
 
-    async def _input_lost(self, index: int, e: "_PeerFailed", deadline: float) -> Tuple[int, List[tuple]]:
-        """Hop ``index - 1`` failed while the client fetched the outputs it kept: replace it (its replay gives hop
-        ``index``'s missing inputs). :returns: hop ``index``'s index afterwards, and the replay's outputs per step
-        of the replaced hop's history"""
+    async def _fetch_kept(self, index: int, first: int, end: int) -> torch.Tensor:
+        """The outputs of token positions ``first .. end-1`` that hop ``index - 1`` pushed to hop ``index`` and
+        kept: ``[batch, end - first, hidden]``. :raises _PeerFailed: if that peer fails"""
         prev = self.hops[index - 1]
+        out = await prev.fetch_outputs(first, end, self.batch_size, self.hidden_size,
+                                       self.model.step_timeout_for(prev, self.batch_size * (end - first)))
+        self.model.stats["outputs_fetched"] += 1
+        return out
+
+    async def _fail_over(self, index: int, e: "_PeerFailed", deadline: float) -> Tuple[int, List[tuple]]:
+        """Hop ``index`` failed (``e``): ban its peer (if ``e.ban``), close it, replace it (:meth:`_replace`) and
+        record the failover. :returns: what :meth:`_replace` returns"""
+        hop = self.hops[index]
         failed_at = time.time()
         if e.ban:
             self.model._ban(e.peer_id, e.reason)
-        prev.close()
-        logger.warning("session %s: %s; replacing blocks %d:%d", self.session_id[:8], e, prev.hop.start, prev.hop.end)
-        after, outputs = await self._replace(index - 1, deadline)
+        hop.close()
+        # an idle session the peer closed (its --session-timeout) is routine: one INFO line; a failure is a warning
+        # (its ban, if any, was logged by _ban)
+        logger.log(logging.WARNING if e.ban else logging.INFO, "session %s: %s; %s blocks %d:%d",
+                   self.session_id[:8], e, "replacing" if e.ban else "reopening", hop.hop.start, hop.hop.end)
+        replaced = await self._replace(index, deadline)
         self.model.stats["failovers"] += 1
         self.failovers.append({"peer_id": e.peer_id, "reason": e.reason, "detected_at": failed_at,
-                               "recovered_at": time.time(), "blocks": (prev.hop.start, prev.hop.end)})
-        return after, outputs
+                               "recovered_at": time.time(), "blocks": (hop.hop.start, hop.hop.end)})
+        return replaced
 
     async def _step(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         deadline = time.monotonic() + self.model.retry_timeout
@@ -636,13 +644,10 @@ class InferenceSession:
             fetched = []
 
             async def fetch(i=i):  # this step's input, kept by the previous peer (which pushed it)
-                prev = self.hops[i - 1]
                 try:
-                    out = await prev.fetch_outputs(self.length, self.length + shape[1], shape[0], shape[2],
-                                                   self.model.step_timeout_for(prev, tokens))
+                    out = await self._fetch_kept(i, self.length, self.length + shape[1])
                 except _PeerFailed as e:
                     raise _InputLost(e) from None
-                self.model.stats["outputs_fetched"] += 1
                 fetched.append(out)
                 return out
 
@@ -660,23 +665,12 @@ class InferenceSession:
                     extra["full"] = True  # the next peer does not take this one's pushes: the client carries them
                 out = await hop.send(hidden, mask, timeout, extra, pushed_wait=pushed_wait, shape=shape, fetch=fetch)
                 self.model.stats["lost_pushes"] += pushed_wait is not None and not hop.trust_push
-            except _InputLost as e:
-                i, outputs = await self._input_lost(i, e.failure, deadline)
+            except _InputLost as e:  # the previous peer failed: replace it; its replay gives this step's input
+                i, outputs = await self._fail_over(i - 1, e.failure, deadline)
                 hidden = outputs[-1][0]  # the previous hop's history ends with this step
                 continue
             except _PeerFailed as e:
-                failed_at = time.time()
-                if e.ban:
-                    self.model._ban(e.peer_id, e.reason)
-                hop.close()
-                # an idle session the peer closed (its --session-timeout) is routine: one INFO line; a failure is
-                # a warning (its ban, if any, was logged by _ban)
-                logger.log(logging.WARNING if e.ban else logging.INFO, "session %s: %s; %s blocks %d:%d",
-                           self.session_id[:8], e, "replacing" if e.ban else "reopening", hop.hop.start, hop.hop.end)
-                await self._replace(i, deadline)
-                self.model.stats["failovers"] += 1
-                self.failovers.append({"peer_id": e.peer_id, "reason": e.reason, "detected_at": failed_at,
-                                       "recovered_at": time.time(), "blocks": (hop.hop.start, hop.hop.end)})
+                await self._fail_over(i, e, deadline)
                 continue
             hop.history.append((fetched[0] if fetched else hidden, mask, shape[1]))
             hidden = out
