@@ -17,10 +17,15 @@ Prints one table and writes ``out/bench_partitioner.json`` and ``out/partitioner
   neighborhood of the best plan's moves;
 * the MILP (``--milp-time`` seconds a solve) also places swarms of up to ``sims.scale.sim.MILP_MAX_PEERS`` peers
   (a candidate for our placement) and tightens their bound (static and after departures);
+* with ``--improve-time`` (default 60 s, 10 s with ``--quick``), swarms of up to ``sims.scale.sim.IMPROVE_MAX_PEERS`` peers get the exact
+  MILP started from our heuristic placement (:func:`partitioner.milp.improve_placement`): the placement a swarm of
+  that size would get from a minute of planning; the static table's "s per swarm" column says how long placing
+  and measuring each swarm took;
 * timing: a joining peer's span in a 10,000-peer swarm, a rebalancing plan and a fresh placement for 1,000 peers;
 * churn: served throughput over an hour of peers joining and leaving (the PNG).
 
-``--quick`` runs fewer swarms (a couple of minutes). Nothing here is tuned to the printed targets: each figure is
+``--quick`` runs fewer swarms (a couple of minutes); ``--jobs N`` runs the swarms of each size on ``N`` processes
+(each swarm has its own random stream, so the figures do not depend on ``N``). Nothing here is tuned to the printed targets: each figure is
 computed from the simulated swarms.
 """
 
@@ -30,7 +35,7 @@ import argparse
 import json
 import os
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -40,7 +45,7 @@ from partitioner.petals import petals_rebalance
 from partitioner.placement import choose_span_for, plan_placement
 from partitioner.rebalance import check_plan, plan_rebalance, unserved_blocks
 from sims.scale.sim import (
-    MILP_MAX_PEERS, evaluate_swarm, ours_throughput, petals_throughput_served, plot_churn, run_churn,
+    IMPROVE_MAX_PEERS, MILP_MAX_PEERS, evaluate_swarm, ours_throughput, petals_throughput_served, plot_churn, run_churn,
 )
 from sims.scale.swarmgen import make_peer, make_swarm
 
@@ -56,6 +61,9 @@ MILP_TIME = 3.0  # seconds per MILP solve (partitioner.milp): our placement's ca
 # budget when at most REBALANCE_MILP_MAX peers remain
 REBALANCE_MILP_MAX = 8  # 6 peers left with 1 move: one small program per mover, about 0.1-0.5 s in all
 REBALANCE_HOOD_MAX = 20  # above that and up to here: the MILP over a neighborhood of the best plan's movers
+IMPROVE_TIME = 60.0  # seconds for the exact MILP started from our placement, swarms of up to
+# sims.scale.sim.IMPROVE_MAX_PEERS peers (partitioner.milp.improve_placement)
+QUICK_IMPROVE_TIME = 10.0  # the same with --quick
 REBALANCE_HOOD_TIME = 2.0  # seconds for it (two programs). Measured: small gains on about half of 20 quick swarms
 # (at 4 s), the median after 4 of 20 leave unchanged (0.801) in the full run (at 2 s)
 
@@ -64,73 +72,92 @@ def _pct(values, q):
     return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
-def static_and_rebalance(size: int, count: int, seed: int, petals_rebalance_max: int, milp_time: float = MILP_TIME
-                         ) -> Dict:
-    rng = np.random.default_rng(seed * 1_000_003 + size)
+def one_swarm(size: int, index: int, seed: int, petals_rebalance_max: int, milp_time: float = MILP_TIME,
+              improve_time: float = IMPROVE_TIME) -> Tuple[Dict, Optional[Dict]]:
+    """Swarm number ``index`` of ``size`` peers (its own random stream, so swarms can be run in any order or in
+    parallel): its static row, and its rebalancing row (None above ``REBALANCE_MAX`` peers)."""
+    rng = np.random.default_rng([seed, size, index])
     exact = True
-    rows, reb = [], []
+    swarm = make_swarm(rng, size)
+    model = swarm.model
+    t_static = time.time()
+    r = evaluate_swarm(swarm, rng, exact, exact_petals_flow=size <= PETALS_FLOW_EXACT_MAX, milp_time=milp_time,
+                       improve_time=improve_time)
+    t_static = time.time() - t_static
+    loose = upper_bound(swarm.peers, model) if milp_time > 0 and size <= MILP_MAX_PEERS else r.bound
+    row = dict(bound=r.bound, loose_bound=loose, ours=r.ours, petals=r.petals, petals_flow=r.petals_flow,
+               L=model.num_blocks, seconds=t_static)
+    # rebalancing after 20% leave (our placement and Petals' own), same leavers for both
+    if size > REBALANCE_MAX:
+        return row, None
+    ours_pl = r.ours_placement
+    n_leave = max(1, int(round(0.2 * size)))
+    leave = set(str(swarm.peers[i].peer_id) for i in rng.choice(size, n_leave, replace=False))
+    keep = [p for p in swarm.peers if p.peer_id not in leave]
+    new_bound = upper_bound(keep, model)
+    if new_bound <= 0:
+        return row, dict(coverable=False)
+    rest = {p.peer_id: ours_pl[p.peer_id] for p in keep}
+    before = ours_throughput(keep, model, rest, exact)
+    t = time.time()
+    # small swarms: the plan scores its candidate moves with the max-flow evaluator
+    ev = (lambda pl, keep=keep: ours_throughput(keep, model, pl, True)) if size <= 20 else None
+    plan = plan_rebalance(keep, model, rest, evaluate=ev, search_budget=REBALANCE_SEARCH if size <= 20 else 0,
+                          beam_budget=REBALANCE_BEAM if size <= 20 else 0,
+                          milp_time_limit=(milp_time if len(keep) <= REBALANCE_MILP_MAX else
+                                           REBALANCE_HOOD_TIME * (milp_time > 0)),
+                          milp_max_peers=REBALANCE_MILP_MAX, milp_neighborhood_max_peers=REBALANCE_HOOD_MAX)
+    plan_s = time.time() - t
+    after_pl = plan.apply(rest)
+    after = ours_throughput(keep, model, after_pl, exact)
+    unsafe = check_plan(rest, plan, model.num_blocks)
+    # the new bound, tightened by the MILP (cut off at what the plan serves) where it runs
+    loose_new_bound = new_bound
+    new_bound = upper_bound(keep, model, milp_time_limit=milp_time, milp_max_peers=MILP_MAX_PEERS,
+                            milp_lower=after)
+    reb = dict(coverable=True, new_bound=new_bound, loose_new_bound=loose_new_bound, before=before, after=after,
+               moved=len(plan.moves), remaining=len(keep), unsafe_blocks=len(unsafe), plan_s=plan_s,
+               budget_bound=plan.budget_bound)
+    if size <= petals_rebalance_max:
+        pp = r.petals_placement
+        prest = {p.peer_id: pp[p.peer_id] for p in keep}
+        p_before = petals_throughput_served(keep, model, prest)
+        specs = {p.peer_id: p for p in keep}
+        pre_gaps = set(unserved_blocks(prest, model.num_blocks))
+        cur = dict(prest)
+        p_unsafe = 0
+        moves = petals_rebalance(model, cur, specs, rng)
+        # replay Petals' moves to count intermediate states with newly unserved blocks
+        replay = dict(prest)
+        for m in moves:
+            reloading = {q: s for q, s in replay.items() if q != m.peer_id}
+            if set(unserved_blocks(reloading, model.num_blocks)) - pre_gaps:
+                p_unsafe += 1
+            replay[m.peer_id] = m.new
+        reb.update(petals_before=p_before, petals_after=petals_throughput_served(keep, model, cur),
+                   petals_moved=len(set(m.peer_id for m in moves)), petals_unsafe_steps=p_unsafe)
+    return row, reb
+
+
+def _one(args):
+    return one_swarm(*args)
+
+
+def static_and_rebalance(size: int, count: int, seed: int, petals_rebalance_max: int, milp_time: float = MILP_TIME,
+                         improve_time: float = IMPROVE_TIME, jobs: int = 1) -> Dict:
+    """``count`` swarms of ``size`` peers (:func:`one_swarm`), on ``jobs`` processes."""
     t0 = time.time()
-    for _ in range(count):
-        swarm = make_swarm(rng, size)
-        model = swarm.model
-        t_static = time.time()
-        r = evaluate_swarm(swarm, rng, exact, exact_petals_flow=size <= PETALS_FLOW_EXACT_MAX, milp_time=milp_time)
-        t_static = time.time() - t_static
-        loose = upper_bound(swarm.peers, model) if milp_time > 0 and size <= MILP_MAX_PEERS else r.bound
-        rows.append(dict(bound=r.bound, loose_bound=loose, ours=r.ours, petals=r.petals, petals_flow=r.petals_flow,
-                         L=model.num_blocks, seconds=t_static))
-        # rebalancing after 20% leave (our placement and Petals' own), same leavers for both
-        if size > REBALANCE_MAX:
-            continue
-        ours_pl = r.ours_placement
-        n_leave = max(1, int(round(0.2 * size)))
-        leave = set(str(swarm.peers[i].peer_id) for i in rng.choice(size, n_leave, replace=False))
-        keep = [p for p in swarm.peers if p.peer_id not in leave]
-        new_bound = upper_bound(keep, model)
-        if new_bound <= 0:
-            reb.append(dict(coverable=False))
-            continue
-        rest = {p.peer_id: ours_pl[p.peer_id] for p in keep}
-        before = ours_throughput(keep, model, rest, exact)
-        t = time.time()
-        # small swarms: the plan scores its candidate moves with the max-flow evaluator
-        ev = (lambda pl, keep=keep: ours_throughput(keep, model, pl, True)) if size <= 20 else None
-        plan = plan_rebalance(keep, model, rest, evaluate=ev, search_budget=REBALANCE_SEARCH if size <= 20 else 0,
-                              beam_budget=REBALANCE_BEAM if size <= 20 else 0,
-                              milp_time_limit=(milp_time if len(keep) <= REBALANCE_MILP_MAX else
-                                               REBALANCE_HOOD_TIME * (milp_time > 0)),
-                              milp_max_peers=REBALANCE_MILP_MAX, milp_neighborhood_max_peers=REBALANCE_HOOD_MAX)
-        plan_s = time.time() - t
-        after_pl = plan.apply(rest)
-        after = ours_throughput(keep, model, after_pl, exact)
-        unsafe = check_plan(rest, plan, model.num_blocks)
-        # the new bound, tightened by the MILP (cut off at what the plan serves) where it runs
-        loose_new_bound = new_bound
-        new_bound = upper_bound(keep, model, milp_time_limit=milp_time, milp_max_peers=MILP_MAX_PEERS,
-                                milp_lower=after)
-        row = dict(coverable=True, new_bound=new_bound, loose_new_bound=loose_new_bound, before=before, after=after,
-                   moved=len(plan.moves), remaining=len(keep), unsafe_blocks=len(unsafe), plan_s=plan_s,
-                   budget_bound=plan.budget_bound)
-        if size <= petals_rebalance_max:
-            pp = r.petals_placement
-            prest = {p.peer_id: pp[p.peer_id] for p in keep}
-            p_before = petals_throughput_served(keep, model, prest)
-            specs = {p.peer_id: p for p in keep}
-            pre_gaps = set(unserved_blocks(prest, model.num_blocks))
-            cur = dict(prest)
-            p_unsafe = 0
-            moves = petals_rebalance(model, cur, specs, rng)
-            # replay Petals' moves to count intermediate states with newly unserved blocks
-            replay = dict(prest)
-            for m in moves:
-                reloading = {q: s for q, s in replay.items() if q != m.peer_id}
-                if set(unserved_blocks(reloading, model.num_blocks)) - pre_gaps:
-                    p_unsafe += 1
-                replay[m.peer_id] = m.new
-            row.update(petals_before=p_before, petals_after=petals_throughput_served(keep, model, cur),
-                       petals_moved=len(set(m.peer_id for m in moves)), petals_unsafe_steps=p_unsafe)
-        reb.append(row)
-    return dict(size=size, count=count, exact=exact, rows=rows, rebalance=reb, seconds=time.time() - t0)
+    tasks = [(size, i, seed, petals_rebalance_max, milp_time, improve_time) for i in range(count)]
+    if jobs > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+            results = pool.map(_one, tasks, chunksize=1)
+    else:
+        results = [_one(t) for t in tasks]
+    rows = [row for row, _ in results]
+    reb = [rb for _, rb in results if rb is not None]
+    return dict(size=size, count=count, exact=True, rows=rows, rebalance=reb, seconds=time.time() - t0)
 
 
 def summarize(res: Dict) -> Dict:
@@ -225,13 +252,14 @@ def print_table(summaries: List[Dict], tim: Dict, churn: Dict) -> None:
     print()
     print("Served throughput as a fraction of the upper bound (medians; p10 = 10th percentile)")
     print("| peers | swarms | ours med | ours p10 | Petals med | Petals p10 | Petals placement + our routing | "
-          "ours/Petals med | ours/Petals p10 | swarms where ours < Petals |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "ours/Petals med | ours/Petals p10 | swarms where ours < Petals | s per swarm (med) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for s in summaries:
         tag = "" if s["size"] <= PETALS_FLOW_EXACT_MAX else " (Petals + our routing: even-spread lower bound)"
         print(f"| {s['size']}{tag} | {s['swarms']} | {fmt(s['ours_med'], 3)} | {fmt(s['ours_p10'], 3)} | "
               f"{fmt(s['petals_med'], 3)} | {fmt(s['petals_p10'], 3)} | {fmt(s['petals_flow_med'], 3)} | "
-              f"{fmt(s['ratio_med'], 1)}x | {fmt(s['ratio_p10'], 1)}x | {s['ours_below_petals']} |")
+              f"{fmt(s['ratio_med'], 1)}x | {fmt(s['ratio_p10'], 1)}x | {s['ours_below_petals']} | "
+              f"{fmt(s['static_s_med'], 1)} |")
     print()
     print("After 20% of peers leave (fractions of the new bound; moved = share of remaining peers)")
     print("| peers | swarms | before plan | after plan med | after plan p10 | moved med | moved max | "
@@ -272,19 +300,27 @@ def main(argv=None) -> None:
                     help=f"seconds per MILP solve: placement and bound up to {MILP_MAX_PEERS} peers, rebalancing up "
                          f"to {REBALANCE_MILP_MAX} peers left ({REBALANCE_HOOD_TIME:g} s for the neighborhood MILP up "
                          f"to {REBALANCE_HOOD_MAX}); 0: no MILP at all")
+    ap.add_argument("--improve-time", type=float, default=None,
+                    help=f"seconds for the MILP started from our placement, swarms of up to {IMPROVE_MAX_PEERS} peers "
+                         f"(default {IMPROVE_TIME:g}, {QUICK_IMPROVE_TIME:g} with --quick; 0: none)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="processes for the swarms of each size (default: one per core)")
     ap.add_argument("--no-timing", action="store_true", help="skip the timing and churn runs (static tables only)")
     args = ap.parse_args(argv)
+    if args.improve_time is None:
+        args.improve_time = QUICK_IMPROVE_TIME if args.quick else IMPROVE_TIME
     os.makedirs(args.out, exist_ok=True)
     counts = QUICK_COUNTS if args.quick else FULL_COUNTS
     sizes = [int(s) for s in args.sizes.split(",") if s]
     summaries, raw = [], []
     for size in sizes:
         res = static_and_rebalance(size, counts.get(size, 10), args.seed, petals_rebalance_max=20 if args.quick else 100,
-                                   milp_time=args.milp_time)
+                                   milp_time=args.milp_time, improve_time=args.improve_time, jobs=args.jobs)
         raw.append(res)
         summaries.append(summarize(res))
         s = summaries[-1]
-        print(f"[{size} peers: {s['swarms']} swarms in {res['seconds']:.0f} s] ours {s['ours_med']:.3f} of the bound "
+        print(f"[{size} peers: {s['swarms']} swarms in {res['seconds']:.0f} s, placement {s['static_s_med']:.1f} s "
+              f"median] ours {s['ours_med']:.3f} of the bound "
               f"(p10 {s['ours_p10']:.3f}; {s['ours_loose_med']:.3f} of the bound without the MILP), "
               f"Petals {s['petals_med']:.4f}; after 20% leave {s.get('reb_after_med', float('nan')):.3f} "
               f"(p10 {s.get('reb_after_p10', float('nan')):.3f}; best within the move budget <= "
@@ -292,7 +328,8 @@ def main(argv=None) -> None:
     if args.no_timing:
         print(json.dumps(summaries, indent=1))
         with open(os.path.join(args.out, "bench_partitioner_static.json"), "w") as f:
-            json.dump(dict(summaries=summaries, quick=args.quick, seed=args.seed, milp_time=args.milp_time, raw=raw),
+            json.dump(dict(summaries=summaries, quick=args.quick, seed=args.seed, milp_time=args.milp_time,
+                           improve_time=args.improve_time, raw=raw),
                       f, indent=1)
         return
     tim = timing(args.seed, args.quick)

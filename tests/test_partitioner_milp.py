@@ -156,3 +156,62 @@ def test_plan_placement_takes_the_milp_incumbent_only_when_better():
     res = solve(peers, model, time_limit=10)
     if res.status == 0:
         assert _flow(peers, model, with_milp) == pytest.approx(res.value, rel=2e-4)
+
+
+@pytest.mark.parametrize("n,L,seed", [(3, 4, s) for s in range(6)] + [(4, 4, s) for s in (6, 10, 11)])
+def test_milp_started_from_a_placement_reaches_the_exhaustive_optimum(n, L, seed):
+    # from a random covering placement as the first incumbent (highspy), the solve still ends at the optimum
+    from partitioner.milp import improve_placement
+
+    rng = np.random.default_rng(seed)
+    model, peers = _tiny_swarm(rng, n, L)
+    best = _exhaustive_best(model, peers)
+    while True:
+        start = _random_placement(peers, model, rng)
+        if _flow(peers, model, start) > 0:
+            break
+    res = solve(peers, model, time_limit=30, initial=start)
+    assert res.status == 0
+    assert _flow(peers, model, res.placement) == pytest.approx(best, rel=1e-5)
+    assert best <= res.bound <= best * (1 + 2e-4)
+    pl, _ = improve_placement(peers, model, start, time_limit=30)
+    assert set(pl) == set(start)
+    assert _flow(peers, model, pl) == pytest.approx(best, rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_improve_placement_is_never_worse_even_when_stopped_at_once(seed):
+    from partitioner.milp import improve_placement
+
+    rng = np.random.default_rng(2600 + seed)
+    model, peers = _random_swarm(rng, 6, L=12)
+    while True:
+        start = _random_placement(peers, model, rng)
+        if _flow(peers, model, start) > 0:
+            break
+    for limit in (0.01, 5.0):
+        pl, res = improve_placement(peers, model, start, time_limit=limit)
+        assert set(pl) == set(start)
+        assert not unserved_blocks(pl, model.num_blocks)
+        assert _flow(peers, model, pl) >= _flow(peers, model, start) * (1 - 1e-9)
+        assert res.bound >= _flow(peers, model, pl) * (1 - 1e-6)  # a true bound, however early it stopped
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_neighbourhood_search_improves_a_random_placement_and_keeps_every_peer(seed):
+    # above full_max_peers: the large-neighbourhood search (3 peers move per program), from a random placement
+    from partitioner.milp import improve_placement
+
+    rng = np.random.default_rng(2700 + seed)
+    model, peers = _random_swarm(rng, 6, L=12)
+    while True:
+        start = _random_placement(peers, model, rng)
+        if _flow(peers, model, start) > 0:
+            break
+    pl, res = improve_placement(peers, model, start, time_limit=4.0, full_max_peers=3, neighborhood=3,
+                                solve_time=1.0, upper=upper_bound(peers, model))
+    assert set(pl) == set(start)
+    assert not unserved_blocks(pl, model.num_blocks)
+    assert all(e - s <= max_blocks(p, model) for p in peers for s, e in [pl[p.peer_id]])
+    assert _flow(peers, model, pl) > _flow(peers, model, start) * 1.01
+    assert res.value == pytest.approx(_flow(peers, model, pl))

@@ -30,3 +30,16 @@ def test_churn_run_records_both_systems():
     assert len(res.times) == len(res.ours) == len(res.petals) == len(res.bound) > 3
     assert all(o <= b * (1 + 1e-6) + 1e-9 for o, b in zip(res.ours, res.bound))
     assert res.times == sorted(res.times)
+
+
+def test_bench_swarm_is_reproducible_and_the_milp_improvement_is_never_worse():
+    # each bench swarm has its own random stream (so --jobs does not change the figures); the MILP started from
+    # our placement (improve_time) serves at least what the heuristics alone serve, and never above the bound
+    from sims.bench_partitioner import one_swarm
+
+    plain, reb = one_swarm(8, 3, 0, 8, milp_time=0.0, improve_time=0.0)
+    again, _ = one_swarm(8, 3, 0, 8, milp_time=0.0, improve_time=0.0)
+    better, _ = one_swarm(8, 3, 0, 8, milp_time=0.0, improve_time=2.0)
+    assert plain["bound"] == again["bound"] == better["bound"] > 0 and plain["ours"] == again["ours"]
+    assert plain["ours"] * (1 - 1e-9) <= better["ours"] <= better["bound"] * (1 + 1e-6)
+    assert reb is not None and (not reb["coverable"] or reb["unsafe_blocks"] == 0)
