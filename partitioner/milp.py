@@ -53,10 +53,11 @@ Size: about ``5 N L`` variables (``N L + sum_i m_i`` binary) and ``5 N L`` rows.
 already meets :func:`partitioner.bound.upper_bound` and branching does not lower the dual bound within 10 s, nor
 does the 12-group relaxation (it solves in 1-7 s and equals that bound); the 16-group restriction's incumbent
 rarely beats the heuristics; started from the heuristic placement (``initial``, :func:`improve_placement`) the
-exact program does improve on it at 8 peers within a minute, and a neighbourhood search of it at 20. Rebalancing after 2 of 8 peers leave (6 left, 1 move: 6 programs) solves exactly in
-0.1-0.5 s in all; 16 peers with 4 moves find no incumbent within 10 s. Exact at small scale: the same 8-peer
-swarms cut to 12 blocks solve in 1-20 s. For the formulation, compare Helix (Mei et al., ASPLOS 2025), whose
-placement MILP is of the same kind (node-layer assignment with max-flow constraints).
+exact program does improve on it at 8 peers within a minute, and a neighbourhood search of it at 20. Rebalancing
+after 2 of 8 peers leave (6 left, 1 move: 6 programs) solves exactly in 0.1-0.5 s in all; 16 peers with 4 moves
+find no incumbent within 10 s. Exact at small scale: the same 8-peer swarms cut to 12 blocks solve in 1-20 s. For
+the formulation, compare Helix (Mei et al., ASPLOS 2025), whose placement MILP is of the same kind (node-layer
+assignment with max-flow constraints).
 """
 
 from __future__ import annotations
@@ -315,7 +316,7 @@ def solve(peers: Sequence[PeerSpec], model: ModelSpec, *, time_limit: float = 10
         integrality[o_mv:o_mv + n] = 1
     x0 = None
     if initial is not None and not relax and exact:
-        x0 = _start_vector(initial, kept, model, comp, netv, scale, n, L, o_h, o_t, o_x, o_u, z_first, nvar)
+        x0 = _start_vector(initial, kept, model, comp, netv, scale, L, o_h, o_t, o_x, o_u, z_first, nvar)
         if x0 is not None:
             lb[0] = 0.0
     res = _run(cost, integrality, lb, ub, a, np.concatenate(lo), np.concatenate(hi), time_limit, mip_rel_gap, x0)
@@ -423,7 +424,7 @@ def _run(cost, integrality, lb, ub, a, lo, hi, time_limit, mip_rel_gap, x0):
     return _Res(status, x, info.mip_dual_bound, info.mip_gap)
 
 
-def _start_vector(pl, kept, model, comp, netv, scale, n, L, o_h, o_t, o_x, o_u, z_first, nvar):
+def _start_vector(pl, kept, model, comp, netv, scale, L, o_h, o_t, o_x, o_u, z_first, nvar):
     """The program's variables (layout of :func:`solve`, exact blocks) at placement ``pl`` routed by its max flow
     (:func:`partitioner.flow.max_flow`): a starting incumbent. None if ``pl`` misses a peer, a span does not fit its
     peer's memory or the placement serves nothing."""

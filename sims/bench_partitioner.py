@@ -17,16 +17,16 @@ Prints one table and writes ``out/bench_partitioner.json`` and ``out/partitioner
   neighborhood of the best plan's moves;
 * the MILP (``--milp-time`` seconds a solve) also places swarms of up to ``sims.scale.sim.MILP_MAX_PEERS`` peers
   (a candidate for our placement) and tightens their bound (static and after departures);
-* with ``--improve-time`` (default 60 s, 10 s with ``--quick``), swarms of up to ``sims.scale.sim.IMPROVE_MAX_PEERS`` peers get the exact
-  MILP started from our heuristic placement (:func:`partitioner.milp.improve_placement`): the placement a swarm of
-  that size would get from a minute of planning; the static table's "s per swarm" column says how long placing
-  and measuring each swarm took;
+* with ``--improve-time`` (default 60 s, 10 s with ``--quick``), swarms of up to ``sims.scale.sim.IMPROVE_MAX_PEERS``
+  peers get the exact MILP started from our heuristic placement (:func:`partitioner.milp.improve_placement`): the
+  placement a swarm of that size would get from a minute of planning; the static table's "s per swarm" column
+  says how long placing and measuring each swarm took;
 * timing: a joining peer's span in a 10,000-peer swarm, a rebalancing plan and a fresh placement for 1,000 peers;
 * churn: served throughput over an hour of peers joining and leaving (the PNG).
 
-``--quick`` runs fewer swarms (a couple of minutes); ``--jobs N`` runs the swarms of each size on ``N`` processes
-(each swarm has its own random stream, so the figures do not depend on ``N``). Nothing here is tuned to the printed targets: each figure is
-computed from the simulated swarms.
+``--quick`` runs fewer swarms (a few minutes); ``--jobs N`` runs the swarms of each size on ``N`` processes (each
+swarm has its own random stream, so the figures do not depend on ``N``, except through what a time-limited MILP
+finds). Nothing here is tuned to the printed targets: each figure is computed from the simulated swarms.
 """
 
 from __future__ import annotations

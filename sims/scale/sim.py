@@ -26,10 +26,10 @@ import numpy as np
 
 from partitioner.bound import upper_bound
 from partitioner.cost import ModelSpec, PeerSpec, work_curve
-from partitioner.milp import improve_placement
 from partitioner.flow import (
     decompose, max_flow, placed_peers, proportional_usage, served_throughput, usage_of_chains,
 )
+from partitioner.milp import improve_placement
 from partitioner.petals import petals_join, petals_place, petals_should_move, petals_usage
 from partitioner.placement import choose_span_for, plan_placement, search_with_flow
 from partitioner.rebalance import plan_rebalance, unserved_blocks
