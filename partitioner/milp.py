@@ -478,13 +478,23 @@ def improve_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: Pl
     :param upper: a known upper bound on the throughput, tokens/s (prunes; the search stops when it is reached)
     :returns: ``(placement, result)``: the better placement and a :class:`MilpResult` whose ``bound`` is a true
         upper bound on every placement after a whole-program solve, ``inf`` after a neighbourhood search
+    :raises ValueError: if a peer that can hold a block has no span in ``placement``, or a span is empty, leaves
+        ``[0, L)`` or does not fit its peer's memory
     """
     from .flow import evaluate_placement, max_flow, placed_peers
 
     t0 = time.time()
     cur = dict(placement)
-    have = evaluate_placement(peers, model, cur)
     kept = _peer_data(peers, model)[0]
+    L = model.num_blocks
+    for p in kept:
+        if p.peer_id not in cur:
+            raise ValueError(f"peer {p.peer_id} has no span in the placement")
+        s, e = cur[p.peer_id]
+        if not (0 <= s < e <= L and e - s <= len(compute_curve(p, model))):
+            raise ValueError(f"span {(s, e)} of peer {p.peer_id} is not within [0, {L}) or does not fit its memory "
+                             f"({len(compute_curve(p, model))} blocks)")
+    have = evaluate_placement(peers, model, cur)
     if len(kept) <= full_max_peers:
         res = solve(peers, model, time_limit=time_limit, upper=upper, initial=cur)
         if res.placement is not None:
@@ -493,9 +503,7 @@ def improve_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: Pl
                 return new, res
         return cur, res
     rng = np.random.default_rng(seed)
-    ids = [p.peer_id for p in kept if p.peer_id in cur]
-    L = model.num_blocks
-    solves = 0
+    ids = [p.peer_id for p in kept]
     while time.time() - t0 < time_limit and (upper is None or have < upper * (1 - 1e-6)):
         sol = max_flow(placed_peers(peers, model, cur), L)
         price = sol.block_price if sol.block_price is not None else np.zeros(L)
@@ -507,7 +515,6 @@ def improve_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: Pl
         left = time_limit - (time.time() - t0)
         res = solve(peers, model, time_limit=min(solve_time, max(left, 0.01)), upper=upper, current=cur,
                     max_moves=len(movers), movable=movers, initial=cur)
-        solves += 1
         if res.placement is not None:
             new = {pid: res.placement.get(pid, span) for pid, span in cur.items()}
             val = evaluate_placement(peers, model, new)

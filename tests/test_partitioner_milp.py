@@ -215,3 +215,20 @@ def test_neighbourhood_search_improves_a_random_placement_and_keeps_every_peer(s
     assert all(e - s <= max_blocks(p, model) for p in peers for s, e in [pl[p.peer_id]])
     assert _flow(peers, model, pl) > _flow(peers, model, start) * 1.01
     assert res.value == pytest.approx(_flow(peers, model, pl))
+
+
+def test_improve_placement_refuses_a_placement_it_cannot_start_from():
+    from partitioner.milp import improve_placement
+
+    rng = np.random.default_rng(2800)
+    model, peers = _random_swarm(rng, 4, L=8)
+    good = _random_placement(peers, model, rng)
+    missing = dict(good)
+    missing.pop(peers[0].peer_id)
+    with pytest.raises(ValueError, match="no span"):
+        improve_placement(peers, model, missing, time_limit=1)
+    for bad in [(0, max_blocks(peers[1], model) + 1), (-1, 1), (3, 3), (7, 9)]:
+        pl = dict(good)
+        pl[peers[1].peer_id] = bad
+        with pytest.raises(ValueError, match="span"):
+            improve_placement(peers, model, pl, time_limit=1)
