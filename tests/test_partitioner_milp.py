@@ -7,7 +7,7 @@ import pytest
 from partitioner.bound import upper_bound
 from partitioner.cost import max_blocks
 from partitioner.flow import max_flow, placed_peers
-from partitioner.milp import best_rebalance, grid_bound, grid_for, solve
+from partitioner.milp import best_rebalance, grid_bound, grid_for, improve_placement, solve
 from partitioner.rebalance import check_plan, milp_plan, order_moves, plan_rebalance, unserved_blocks
 
 from tests.test_partitioner import _exhaustive_best, _random_placement, _random_swarm, _tiny_swarm
@@ -158,18 +158,21 @@ def test_plan_placement_takes_the_milp_incumbent_only_when_better():
         assert _flow(peers, model, with_milp) == pytest.approx(res.value, rel=2e-4)
 
 
-@pytest.mark.parametrize("n,L,seed", [(3, 4, s) for s in range(6)] + [(4, 4, s) for s in (6, 10, 11)])
-def test_milp_started_from_a_placement_reaches_the_exhaustive_optimum(n, L, seed):
-    # from a random covering placement as the first incumbent (highspy), the solve still ends at the optimum
-    from partitioner.milp import improve_placement
-
-    rng = np.random.default_rng(seed)
-    model, peers = _tiny_swarm(rng, n, L)
-    best = _exhaustive_best(model, peers)
+def _serving_placement(peers, model, rng):
+    """A random placement (:func:`_random_placement`) that serves something."""
     while True:
         start = _random_placement(peers, model, rng)
         if _flow(peers, model, start) > 0:
-            break
+            return start
+
+
+@pytest.mark.parametrize("n,L,seed", [(3, 4, s) for s in range(6)] + [(4, 4, s) for s in (6, 10, 11)])
+def test_milp_started_from_a_placement_reaches_the_exhaustive_optimum(n, L, seed):
+    # from a random covering placement as the first incumbent (highspy), the solve still ends at the optimum
+    rng = np.random.default_rng(seed)
+    model, peers = _tiny_swarm(rng, n, L)
+    best = _exhaustive_best(model, peers)
+    start = _serving_placement(peers, model, rng)
     res = solve(peers, model, time_limit=30, initial=start)
     assert res.status == 0
     assert _flow(peers, model, res.placement) == pytest.approx(best, rel=1e-5)
@@ -181,14 +184,9 @@ def test_milp_started_from_a_placement_reaches_the_exhaustive_optimum(n, L, seed
 
 @pytest.mark.parametrize("seed", range(3))
 def test_improve_placement_is_never_worse_even_when_stopped_at_once(seed):
-    from partitioner.milp import improve_placement
-
     rng = np.random.default_rng(2600 + seed)
     model, peers = _random_swarm(rng, 6, L=12)
-    while True:
-        start = _random_placement(peers, model, rng)
-        if _flow(peers, model, start) > 0:
-            break
+    start = _serving_placement(peers, model, rng)
     for limit in (0.01, 5.0):
         pl, res = improve_placement(peers, model, start, time_limit=limit)
         assert set(pl) == set(start)
@@ -200,14 +198,9 @@ def test_improve_placement_is_never_worse_even_when_stopped_at_once(seed):
 @pytest.mark.parametrize("seed", range(3))
 def test_neighbourhood_search_improves_a_random_placement_and_keeps_every_peer(seed):
     # above full_max_peers: the large-neighbourhood search (3 peers move per program), from a random placement
-    from partitioner.milp import improve_placement
-
     rng = np.random.default_rng(2700 + seed)
     model, peers = _random_swarm(rng, 6, L=12)
-    while True:
-        start = _random_placement(peers, model, rng)
-        if _flow(peers, model, start) > 0:
-            break
+    start = _serving_placement(peers, model, rng)
     pl, res = improve_placement(peers, model, start, time_limit=4.0, full_max_peers=3, neighborhood=3,
                                 solve_time=1.0, upper=upper_bound(peers, model))
     assert set(pl) == set(start)
@@ -218,8 +211,6 @@ def test_neighbourhood_search_improves_a_random_placement_and_keeps_every_peer(s
 
 
 def test_improve_placement_refuses_a_placement_it_cannot_start_from():
-    from partitioner.milp import improve_placement
-
     rng = np.random.default_rng(2800)
     model, peers = _random_swarm(rng, 4, L=8)
     good = _random_placement(peers, model, rng)
