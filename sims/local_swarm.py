@@ -313,7 +313,7 @@ def run_sim_up(model: str, num_peers: int, blocks_per_peer: Optional[int] = None
 
     A process that exits meanwhile (a crash, or a peer stopped on purpose to watch the swarm recover) is reported
     in one line and the rest keep running; the simulation ends by itself only when every process has exited
-    (exit code 1). Ctrl-C, SIGTERM or SIGHUP stop every process (exit code 0).
+    (exit code 1). Ctrl-C, SIGTERM or SIGHUP stop every process (exit code 0), also while the swarm is starting.
 
     The processes' logs go to ``log_dir`` (kept), or else to a temporary folder that is removed at exit unless
     ``keep_logs``.
@@ -321,8 +321,15 @@ def run_sim_up(model: str, num_peers: int, blocks_per_peer: Optional[int] = None
     swarm = LocalSwarm(model, num_peers, blocks_per_peer=blocks_per_peer, peer_args=list(extra_peer_args),
                        log_dir=log_dir, keep_logs=keep_logs, host=host)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda *_: stop.set())
+
+    def interrupt_start(*_):  # during start-up: stop waiting for the peers at once (only the first signal raises)
+        if not stop.is_set():
+            stop.set()
+            raise KeyboardInterrupt
+
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    for sig in signals:
+        signal.signal(sig, interrupt_start)
     kept = "" if log_dir or keep_logs else ", removed at exit unless --keep-logs"
     print(f"starting a bootstrap node and {num_peers} peers on {host} (logs in {swarm.log_dir}{kept})", flush=True)
     try:
@@ -331,6 +338,11 @@ def run_sim_up(model: str, num_peers: int, blocks_per_peer: Optional[int] = None
         except SwarmStartError as e:
             print(f"error: {e.one_line()}", file=sys.stderr, flush=True)
             return 2
+        except KeyboardInterrupt:
+            print("interrupted during start-up", flush=True)
+            return 0
+        for sig in signals:
+            signal.signal(sig, lambda *_: stop.set())
         print(f"swarm ready in {swarm.ready_seconds:.1f}s; spans: "
               + ", ".join(f"{s}:{e}" for s, e in swarm.spans), flush=True)
         print("initial peers: " + " ".join(swarm.initial_peers), flush=True)

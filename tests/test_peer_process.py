@@ -468,6 +468,35 @@ def test_sim_up_keeps_running_when_a_peer_exits(mha_model):
     assert not _alive(everything), [c.cmdline() for c in _alive(everything)]
 
 
+def test_ctrl_c_while_sim_up_starts_stops_at_once(mha_model):
+    """Found by a user: Ctrl-C during ``swarm sim up``'s start-up was noted but only acted on once every peer was
+    ready. It now stops the start-up at once and every process it started."""
+    proc = subprocess.Popen(
+        _swarm_cmd("sim", "up", "--model", mha_model, "--peers", "2", "--blocks-per-peer", "4"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    lines = []
+    try:
+        lines.append(proc.stdout.readline())
+        assert lines[0].startswith("starting a bootstrap node"), lines
+        time.sleep(1.0)  # the bootstrap node (and maybe a peer) is starting
+        started = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        lines.append(out)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = "".join(lines)
+    assert proc.returncode == 0 and "interrupted during start-up" in text and "stopped" in text, text
+    assert "swarm ready" not in text and "Traceback" not in text, text
+    deadline = time.time() + 10
+    while _alive(started) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(started), [c.cmdline() for c in _alive(started)]
+
+
 def test_sim_up_listens_on_host_and_removes_its_logs(mha_model):
     """Found by users: ``swarm sim up --host`` was ignored (everything listened on 127.0.0.1) and every run left
     its log folder in /tmp. Both now work: the swarm listens on --host, and the logs go at exit unless
