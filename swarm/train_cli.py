@@ -79,7 +79,7 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="peak inner AdamW learning rate")
     p.add_argument("--warmup", type=int, default=20, help="inner learning-rate warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--shard", type=_shard, default=(0, 1), help="INDEX/COUNT: the part of the corpus to train on")
+    p.add_argument("--shard", type=_shard, default="0/1", help="INDEX/COUNT: the part of the corpus to train on")
     p.add_argument("--data-offset", type=int, default=0, help="batches of the shard to skip")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compression", default="fp16", choices=["none", "fp16", "8bit"],

@@ -605,12 +605,13 @@ def test_help_shows_defaults(capsys):
     from swarm.cli import main
 
     for command, expected in ((["peer"], "(default: 65536)"), (["generate"], "(default: 32)"),
-                              (["train"], "(default: 0.7)"), (["sim", "up"], "(default: 3)")):
+                              (["train"], "(default: 0/1)"), (["sim", "up"], "(default: 3)")):
         with pytest.raises(SystemExit):
             main([*command, "--help"])
         out = " ".join(capsys.readouterr().out.split())  # help text wraps lines
         assert expected in out, (command, out[-800:])
         assert "(default: None)" not in out
+        assert "(default: (" not in out, out  # a tuple shown where the user types INDEX/COUNT
 
 
 def test_a_failed_start_keeps_the_log_it_names(mha_model, tmp_path):
