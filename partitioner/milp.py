@@ -135,10 +135,11 @@ def solve(peers: Sequence[PeerSpec], model: ModelSpec, *, time_limit: float = 10
         is a true upper bound on every placement, and there is no placement
     :param limits: ``{peer_id: (lo, hi, keep_lo, keep_hi)}``: that peer's span must lie within blocks ``[lo, hi)``
         and hold ``[keep_lo, keep_hi)`` (group-aligned; a safe single move, see :func:`best_rebalance`)
-    :param initial: a placement of every peer (``{peer_id: (start, end)}``) to start from: HiGHS gets it, routed by
-        its max flow, as the first incumbent (through ``highspy``), so its improvement heuristics work from it at
-        once; the result is then never worse than it (``lower`` does not cut the search in that case). Exact
-        programs only (no ``grid``)
+    :param initial: a placement of every peer (``{peer_id: (start, end)}``, checked by :func:`check_placement`:
+        ``ValueError`` if it fails) to start from: HiGHS gets it, routed by its max flow, as the first incumbent
+        (through ``highspy``), so its improvement heuristics work from it at once, and the result is never worse
+        than it (``lower`` does not cut the search then). A placement that serves nothing (a block unheld) is no
+        incumbent: the search then starts cold. Exact programs only (no ``grid``)
     :param grid: block boundaries ``0 = g_0 < g_1 < .. < g_G = L``: spans must start and end on them (a restricted
         program, :func:`grid_for`; ``bound`` is then ``inf``, as it bounds only grid-aligned placements). The
         program is the same with the blocks of a group ``[g_j, g_j+1)`` of ``w_j`` blocks as one variable each:
@@ -316,6 +317,7 @@ def solve(peers: Sequence[PeerSpec], model: ModelSpec, *, time_limit: float = 10
         integrality[o_mv:o_mv + n] = 1
     x0 = None
     if initial is not None and not relax and exact:
+        check_placement(peers, model, initial)
         x0 = _start_vector(initial, kept, model, comp, netv, scale, L, o_h, o_t, o_x, o_u, z_first, nvar)
         if x0 is not None:
             lb[0] = 0.0
@@ -453,6 +455,32 @@ def _start_vector(pl, kept, model, comp, netv, scale, L, o_h, o_t, o_x, o_u, z_f
     return x0
 
 
+def check_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: Placement) -> None:
+    """Check that ``placement`` (``{peer_id: (start, end)}``) gives every peer that can hold a block a span of
+    whole block indices ``0 <= start < end <= L`` that fits its memory (:func:`partitioner.cost.max_blocks`), and
+    names no other peer.
+
+    :raises ValueError: naming the first peer or span that does not
+    """
+    specs = {p.peer_id: p for p in peers}
+    L = model.num_blocks
+    for pid, span in placement.items():
+        if pid not in specs:
+            raise ValueError(f"peer {pid!r} of the placement is not among the peers")
+        try:
+            s, e = span
+        except (TypeError, ValueError):
+            raise ValueError(f"span {span!r} of peer {pid} is not a (start, end) pair") from None
+        if not all(isinstance(v, (int, np.integer)) for v in (s, e)) or not 0 <= s < e <= L:
+            raise ValueError(f"span {span!r} of peer {pid} is not whole blocks within [0, {L})")
+        room = len(compute_curve(specs[pid], model))
+        if e - s > room:
+            raise ValueError(f"span {span!r} of peer {pid} holds {e - s} blocks; its memory holds {room}")
+    for p in _peer_data(peers, model)[0]:
+        if p.peer_id not in placement:
+            raise ValueError(f"peer {p.peer_id} has no span in the placement")
+
+
 def improve_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: Placement, *,
                       time_limit: float = 60.0, upper: Optional[float] = None, full_max_peers: int = 8,
                       neighborhood: int = 6, solve_time: float = 5.0, seed: int = 0) -> Tuple[Placement, MilpResult]:
@@ -478,23 +506,20 @@ def improve_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: Pl
     :param upper: a known upper bound on the throughput, tokens/s (prunes; the search stops when it is reached)
     :returns: ``(placement, result)``: the better placement and a :class:`MilpResult` whose ``bound`` is a true
         upper bound on every placement after a whole-program solve, ``inf`` after a neighbourhood search
-    :raises ValueError: if a peer that can hold a block has no span in ``placement``, or a span is empty, leaves
-        ``[0, L)`` or does not fit its peer's memory
+    :raises ValueError: the placement fails :func:`check_placement`, or ``upper`` is below what it serves
     """
     from .flow import evaluate_placement, max_flow, placed_peers
 
     t0 = time.time()
-    cur = dict(placement)
-    kept = _peer_data(peers, model)[0]
+    check_placement(peers, model, placement)
+    cur = {pid: (int(s), int(e)) for pid, (s, e) in placement.items()}
+    kept, comp, _ = _peer_data(peers, model)
     L = model.num_blocks
-    for p in kept:
-        if p.peer_id not in cur:
-            raise ValueError(f"peer {p.peer_id} has no span in the placement")
-        s, e = cur[p.peer_id]
-        if not (0 <= s < e <= L and e - s <= len(compute_curve(p, model))):
-            raise ValueError(f"span {(s, e)} of peer {p.peer_id} is not within [0, {L}) or does not fit its memory "
-                             f"({len(compute_curve(p, model))} blocks)")
     have = evaluate_placement(peers, model, cur)
+    if upper is not None and upper < have * (1 - 1e-6):
+        raise ValueError(f"upper={upper:g} tokens/s is below what the placement already serves ({have:g})")
+    if sum(len(c) for c in comp) < L:  # no placement covers the model: nothing to search
+        return cur, MilpResult(0.0, 0.0, None, 2, time.time() - t0)
     if len(kept) <= full_max_peers:
         res = solve(peers, model, time_limit=time_limit, upper=upper, initial=cur)
         if res.placement is not None:

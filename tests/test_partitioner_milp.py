@@ -213,13 +213,32 @@ def test_neighbourhood_search_improves_a_random_placement_and_keeps_every_peer(s
 def test_improve_placement_refuses_a_placement_it_cannot_start_from():
     rng = np.random.default_rng(2800)
     model, peers = _random_swarm(rng, 4, L=8)
-    good = _random_placement(peers, model, rng)
+    good = _serving_placement(peers, model, rng)
     missing = dict(good)
     missing.pop(peers[0].peer_id)
     with pytest.raises(ValueError, match="no span"):
         improve_placement(peers, model, missing, time_limit=1)
-    for bad in [(0, max_blocks(peers[1], model) + 1), (-1, 1), (3, 3), (7, 9)]:
+    for bad in [(0, max_blocks(peers[1], model) + 1), (-1, 1), (3, 3), (7, 9), None, (1.5, 3), (1, 2, 3)]:
         pl = dict(good)
         pl[peers[1].peer_id] = bad
         with pytest.raises(ValueError, match="span"):
             improve_placement(peers, model, pl, time_limit=1)
+        with pytest.raises(ValueError, match="span"):
+            solve(peers, model, time_limit=1, initial=pl)  # a start it cannot use is refused, not dropped
+    with pytest.raises(ValueError, match="not among the peers"):
+        improve_placement(peers, model, {**good, "ghost": (0, 1)}, time_limit=1)
+    with pytest.raises(ValueError, match="no span"):
+        solve(peers, model, time_limit=1, initial=missing)
+    with pytest.raises(ValueError, match="below what the placement already serves"):
+        improve_placement(peers, model, good, time_limit=1, upper=0.5 * _flow(peers, model, good))
+
+
+def test_improve_placement_returns_at_once_when_memory_cannot_hold_the_model():
+    rng = np.random.default_rng(2801)
+    model, peers = _random_swarm(rng, 6, L=12)
+    few = sorted(peers, key=lambda p: max_blocks(p, model))[:2]
+    assert sum(max_blocks(p, model) for p in few) < model.num_blocks
+    start = {p.peer_id: (0, max_blocks(p, model)) for p in few}
+    for full_max_peers in (8, 1):  # whole program, and the neighbourhood search
+        pl, res = improve_placement(few, model, start, time_limit=30, full_max_peers=full_max_peers)
+        assert pl == start and res.status == 2 and res.bound == 0.0 and res.seconds < 5

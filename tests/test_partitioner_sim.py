@@ -43,3 +43,16 @@ def test_bench_swarm_is_reproducible_and_the_milp_improvement_is_never_worse():
     assert plain["bound"] == again["bound"] == better["bound"] > 0 and plain["ours"] == again["ours"]
     assert plain["ours"] * (1 - 1e-9) <= better["ours"] <= better["bound"] * (1 + 1e-6)
     assert reb is not None and (not reb["coverable"] or reb["unsafe_blocks"] == 0)
+
+
+def test_bench_progress_line_leaves_out_figures_a_size_does_not_have():
+    # found by a user: a size without the rebalancing MILP printed "best within the move budget <= nan"
+    from sims.bench_partitioner import progress_line
+
+    s = dict(swarms=3, static_s_med=1.0, ours_med=0.9, ours_p10=0.8, ours_loose_med=0.9, petals_med=0.1,
+             reb_after_med=0.7, reb_after_p10=0.5)
+    line = progress_line(20, s, 12.0)
+    assert "nan" not in line and "move budget" not in line and "before the MILP" not in line, line
+    assert "0.900 of the bound" in line and "after 20% leave 0.700" in line
+    line = progress_line(8, dict(s, reb_budget_bound_med=0.71, ours_loose_med=0.85), 12.0)
+    assert "the best plan within the move budget serves <= 0.710" in line and "0.850 of the bound before" in line
