@@ -421,6 +421,20 @@ def test_generate_json_has_one_shape(swarm, mha_model, capsys):
     assert outputs[0]["results"][0]["new_ids"] == outputs[1]["results"][0]["new_ids"]
 
 
+def _ctrl_c(proc, timeout: float = 60) -> str:
+    """Ctrl-C in the terminal of ``proc`` (started with ``start_new_session``): the rest of its output."""
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=timeout)
+    return out
+
+
+def _kill_group(proc) -> None:
+    """SIGKILL ``proc``'s process group if it still runs (a test's cleanup)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def _read_until_running(proc, lines):
     """Append ``swarm sim up``'s output lines to ``lines`` until it says it runs (or exits)."""
     for line in proc.stdout:
@@ -453,13 +467,10 @@ def test_sim_up_keeps_running_when_a_peer_exits(mha_model):
         assert "peer 1 exited with code -9 (killed by SIGKILL)" in lines[-1], "".join(lines)
         time.sleep(2)
         assert proc.poll() is None and peers[0].is_running(), "".join(lines)
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
-        out, _ = proc.communicate(timeout=60)
+        out = _ctrl_c(proc)
         lines.append(out)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _kill_group(proc)
     assert proc.returncode == 0 and "stopped" in lines[-1], "".join(lines)
     assert sum("exited" in line for line in "".join(lines).splitlines()) == 1, "".join(lines)
     deadline = time.time() + 10
@@ -481,13 +492,10 @@ def test_ctrl_c_while_sim_up_starts_stops_at_once(mha_model):
         assert lines[0].startswith("starting a bootstrap node"), lines
         time.sleep(1.0)  # the bootstrap node (and maybe a peer) is starting
         started = psutil.Process(proc.pid).children(recursive=True)
-        os.killpg(proc.pid, signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        out = _ctrl_c(proc)
         lines.append(out)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _kill_group(proc)
     text = "".join(lines)
     assert proc.returncode == 0 and "interrupted during start-up" in text and "stopped" in text, text
     assert "swarm ready" not in text and "Traceback" not in text, text
@@ -517,12 +525,9 @@ def test_sim_up_listens_on_host_and_removes_its_logs(mha_model):
         assert "/ip4/127.0.0.2/tcp/" in peers_line and "127.0.0.1" not in peers_line, peers_line
         with open(os.path.join(log_dir, "peer0.log")) as f:
             assert "listening on /ip4/127.0.0.2/tcp/" in f.read()
-        os.killpg(proc.pid, signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        out = _ctrl_c(proc)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _kill_group(proc)
     assert proc.returncode == 0 and "stopped" in out, out
     assert not os.path.exists(log_dir), os.listdir(log_dir)
 
