@@ -324,6 +324,17 @@ def order_moves(start: Placement, goal: Placement, peers: Sequence[PeerSpec], mo
     return out
 
 
+def _milp_start(start: Placement, peers: Sequence[PeerSpec], model: ModelSpec):
+    """What both rebalancing MILPs start from: the peers of ``start`` that can hold a block, their spans, and the
+    tokens/s each one's compute carries in the max flow of ``start`` (``{peer_id: load}``)."""
+    from .flow import max_flow, placed_peers
+
+    spec = [p for p in peers if p.peer_id in start and len(work_curve(p, model))]
+    cur = {p.peer_id: start[p.peer_id] for p in spec}
+    sol = max_flow(placed_peers(spec, model, cur), model.num_blocks)
+    return spec, cur, {pid: float(v.sum()) for pid, v in sol.load.items()}
+
+
 def milp_plan(start: Placement, peers: Sequence[PeerSpec], model: ModelSpec, max_moves: int, *,
               time_limit: float = 5.0, lower: float = 0.0, upper: Optional[float] = None) -> RebalancePlan:
     """The best placement within ``max_moves`` moved peers that serves more than ``lower`` tokens/s, by the exact
@@ -331,19 +342,12 @@ def milp_plan(start: Placement, peers: Sequence[PeerSpec], model: ModelSpec, max
     its moves in a safe order (peers carrying the least flow first; a peer that can never move safely keeps its
     span, so the plan may stop short of the MILP's placement). No moves if the MILP finds nothing better.
     ``budget_bound``: no placement within the budget serves more (tokens/s; the MILP's dual bound)."""
-    from .flow import max_flow, placed_peers
     from .milp import best_rebalance
 
-    L = model.num_blocks
-    spec = [p for p in peers if p.peer_id in start]
-    curves = {p.peer_id: work_curve(p, model) for p in spec}
-    spec = [p for p in spec if len(curves[p.peer_id])]
-    cur = {p.peer_id: start[p.peer_id] for p in spec}
+    spec, cur, load = _milp_start(start, peers, model)
     res = best_rebalance(spec, model, cur, max_moves, time_limit=time_limit, lower=lower, upper=upper)
     plan = RebalancePlan(target=upper or 0.0, budget_bound=res.bound)
     if res.placement:
-        sol = max_flow(placed_peers(spec, model, cur), L)
-        load = {pid: float(v.sum()) for pid, v in sol.load.items()}
         plan.moves = order_moves(cur, {pid: res.placement.get(pid, cur[pid]) for pid in cur}, spec, model, load)
     return plan
 
@@ -363,12 +367,7 @@ def milp_neighborhood(plan: RebalancePlan, start: Placement, peers: Sequence[Pee
     from .milp import solve
 
     L = model.num_blocks
-    spec = [p for p in peers if p.peer_id in start]
-    curves = {p.peer_id: work_curve(p, model) for p in spec}
-    spec = [p for p in spec if len(curves[p.peer_id])]
-    cur = {p.peer_id: start[p.peer_id] for p in spec}
-    sol0 = max_flow(placed_peers(spec, model, cur), L)
-    load0 = {pid: float(v.sum()) for pid, v in sol0.load.items()}
+    spec, cur, load0 = _milp_start(start, peers, model)
     end = plan.apply(cur)
     sol = max_flow(placed_peers(spec, model, end), L)
     util = sorted((float(sol.load[p.peer_id].sum()) / max(compute_tps(p, model, end[p.peer_id][1] - end[p.peer_id][0]),

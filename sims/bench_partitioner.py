@@ -84,8 +84,7 @@ def one_swarm(size: int, index: int, seed: int, petals_rebalance_max: int, milp_
     r = evaluate_swarm(swarm, rng, exact, exact_petals_flow=size <= PETALS_FLOW_EXACT_MAX, milp_time=milp_time,
                        improve_time=improve_time)
     t_static = time.time() - t_static
-    loose = upper_bound(swarm.peers, model) if milp_time > 0 and size <= MILP_MAX_PEERS else r.bound
-    row = dict(bound=r.bound, loose_bound=loose, ours=r.ours, petals=r.petals, petals_flow=r.petals_flow,
+    row = dict(bound=r.bound, loose_bound=r.loose_bound, ours=r.ours, petals=r.petals, petals_flow=r.petals_flow,
                L=model.num_blocks, seconds=t_static)
     # rebalancing after 20% leave (our placement and Petals' own), same leavers for both
     if size > REBALANCE_MAX:
@@ -113,8 +112,9 @@ def one_swarm(size: int, index: int, seed: int, petals_rebalance_max: int, milp_
     unsafe = check_plan(rest, plan, model.num_blocks)
     # the new bound, tightened by the MILP (cut off at what the plan serves) where it runs
     loose_new_bound = new_bound
-    new_bound = upper_bound(keep, model, milp_time_limit=milp_time, milp_max_peers=MILP_MAX_PEERS,
-                            milp_lower=after)
+    if milp_time > 0 and len(keep) <= MILP_MAX_PEERS:
+        new_bound = upper_bound(keep, model, milp_time_limit=milp_time, milp_max_peers=MILP_MAX_PEERS,
+                                milp_lower=after)
     reb = dict(coverable=True, new_bound=new_bound, loose_new_bound=loose_new_bound, before=before, after=after,
                moved=len(plan.moves), remaining=len(keep), unsafe_blocks=len(unsafe), plan_s=plan_s,
                budget_bound=plan.budget_bound)

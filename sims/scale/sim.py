@@ -59,13 +59,15 @@ def petals_throughput_served(peers: Sequence[PeerSpec], model: ModelSpec, placem
     return served_throughput(placed_peers(peers, model, placement), petals_usage(placement, model.num_blocks))
 
 
-def ours_place(swarm: Swarm, exact: bool, milp_time: float = 0.0, improve_time: float = 0.0) -> Placement:
+def ours_place(swarm: Swarm, exact: bool, milp_time: float = 0.0, improve_time: float = 0.0,
+               bound: Optional[float] = None) -> Placement:
     """Our placement. Small swarms (up to ``EXACT_SELECT_MAX`` peers) pick among candidates with the max-flow
     evaluator, refine with it and then run :func:`partitioner.placement.search_with_flow` (``SEARCH_BUDGET`` LPs);
     larger ones use the even-spread profile (:func:`partitioner.placement.plan_placement`). ``milp_time``: seconds
     for :func:`plan_placement`'s MILP candidate (swarms of up to ``MILP_MAX_PEERS`` peers; 0: none).
     ``improve_time``: seconds for the exact MILP started from that placement
-    (:func:`partitioner.milp.improve_placement`, swarms of up to ``IMPROVE_MAX_PEERS`` peers; 0: none)."""
+    (:func:`partitioner.milp.improve_placement`, swarms of up to ``IMPROVE_MAX_PEERS`` peers; 0: none), which stops
+    at ``bound`` (:func:`partitioner.bound.upper_bound` of the peers; computed if not given)."""
     peers, model = swarm.peers, swarm.model
     if exact and len(peers) <= EXACT_SELECT_MAX:
         pl = plan_placement(peers, model, evaluate=lambda pl: ours_throughput(peers, model, pl, True),
@@ -73,7 +75,9 @@ def ours_place(swarm: Swarm, exact: bool, milp_time: float = 0.0, improve_time: 
                             milp_max_peers=MILP_MAX_PEERS)
         pl = search_with_flow(pl, peers, model, budget=SEARCH_BUDGET)
         if improve_time > 0 and len(peers) <= IMPROVE_MAX_PEERS:
-            pl, _ = improve_placement(peers, model, pl, time_limit=improve_time, upper=upper_bound(peers, model))
+            if bound is None:
+                bound = upper_bound(peers, model)
+            pl, _ = improve_placement(peers, model, pl, time_limit=improve_time, upper=bound)
         return pl
     if len(peers) <= 200:
         return plan_placement(peers, model)
@@ -105,6 +109,7 @@ class StaticResult:
     exact: bool
     ours_placement: Placement = field(default_factory=dict)
     petals_placement: Placement = field(default_factory=dict)
+    loose_bound: float = 0.0  # the bound before the MILP tightened it (equal to ``bound`` where it did not run)
 
 
 def evaluate_swarm(swarm: Swarm, rng: np.random.Generator, exact: bool, exact_petals_flow: bool = True,
@@ -116,14 +121,17 @@ def evaluate_swarm(swarm: Swarm, rng: np.random.Generator, exact: bool, exact_pe
     ``MILP_MAX_PEERS`` peers; ``improve_time``: seconds for the MILP started from our placement (see
     :func:`ours_place`)."""
     peers, model = swarm.peers, swarm.model
-    pl = ours_place(swarm, exact, milp_time, improve_time)
+    loose = upper_bound(peers, model)
+    pl = ours_place(swarm, exact, milp_time, improve_time, bound=loose)
     ours = ours_throughput(peers, model, pl, exact)
-    bound = upper_bound(peers, model, milp_time_limit=milp_time, milp_max_peers=MILP_MAX_PEERS, milp_lower=ours)
+    bound = loose
+    if milp_time > 0 and len(peers) <= MILP_MAX_PEERS:
+        bound = upper_bound(peers, model, milp_time_limit=milp_time, milp_max_peers=MILP_MAX_PEERS, milp_lower=ours)
     order = [peers[i] for i in rng.permutation(len(peers))]
     pp = petals_place(order, model)
     petals = petals_throughput_served(peers, model, pp)
     petals_flow = ours_throughput(peers, model, pp, exact and exact_petals_flow)
-    return StaticResult(len(peers), model.num_blocks, bound, ours, petals, petals_flow, exact, pl, pp)
+    return StaticResult(len(peers), model.num_blocks, bound, ours, petals, petals_flow, exact, pl, pp, loose)
 
 
 # ---------------------------------------------------------------------------------------------------------------
