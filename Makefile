@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-chaos bench-train bench-partitioner clean
+.PHONY: demo test bench bench-chaos bench-train bench-partitioner bench-move clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ bench-train: $(STAMP)
 
 bench-partitioner: $(STAMP)
 	$(PY) -m sims.bench_partitioner
+
+bench-move: $(STAMP)
+	$(PY) -m sims.bench_move
 
 bench-chaos: $(STAMP)
 	$(PY) -m sims.chaos

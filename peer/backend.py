@@ -39,11 +39,15 @@ class SpanBackend:
     :param device: torch device string
     :param dtype: parameter and activation dtype
     :param use_graphs: on a CUDA device, give sessions a :class:`GraphCache` (decode steps as CUDA graphs)
+    :param reuse: a span of the same checkpoint, device and dtype that this one replaces (a peer's move): the blocks
+        both hold are not read again, and share its parameter tensors (no second copy in memory while both spans
+        are loaded, during a make-before-break move); each span keeps its own layer modules, as a layer's KV-cache
+        index is relative to its span
     :raises ValueError: if the span is empty or outside the model
     """
 
     def __init__(self, checkpoint: Checkpoint, start: int, end: int, device: str = "cpu", dtype=torch.float32,
-                 use_graphs: bool = True):
+                 use_graphs: bool = True, reuse: Optional["SpanBackend"] = None):
         if not 0 <= start < end <= checkpoint.num_blocks:
             raise ValueError(f"span {start}:{end} is outside the model's {checkpoint.num_blocks} blocks")
         self.checkpoint, self.start, self.end = checkpoint, start, end
@@ -56,18 +60,30 @@ class SpanBackend:
         meta = build_meta_model(self.config)
         base = meta.base_model
         self.layers = nn.ModuleList()
+        if reuse is not None and not (reuse.checkpoint is checkpoint and reuse.device == self.device
+                                      and reuse.dtype == dtype):
+            reuse = None
+        kept = range(max(start, reuse.start), min(end, reuse.end)) if reuse is not None else range(0)
+        self.kept_blocks = len(kept)  # blocks taken from ``reuse`` rather than read
         t0 = time.perf_counter()
+        if len(kept):
+            logger.info("keeping blocks %d:%d of the current span (not read again)", kept.start, kept.stop)
         for i in range(start, end):
             layer = base.layers[i]
-            prefix = f"{meta.base_model_prefix}.layers.{i}."
-            names = checkpoint.tensor_names([prefix])
-            state = {n[len(prefix):]: t for n, t in checkpoint.read_tensors(names).items()}
+            if i in kept:  # the same tensors as the span it replaces, in a layer module of this span
+                state = reuse.layers[i - reuse.start].state_dict()
+            else:
+                prefix = f"{meta.base_model_prefix}.layers.{i}."
+                names = checkpoint.tensor_names([prefix])
+                state = {n[len(prefix):]: t for n, t in checkpoint.read_tensors(names).items()}
             layer.load_state_dict(state, strict=True, assign=True)
             layer = layer.to(device=self.device, dtype=dtype)
             layer.self_attn.layer_idx = i - start  # index into this span's KV cache
             layer.eval().requires_grad_(False)
             self.layers.append(layer)
-            logger.info("loaded block %d (%d/%d) in %.2fs", i, i - start + 1, end - start, time.perf_counter() - t0)
+            if i not in kept:
+                logger.info("loaded block %d (%d/%d) in %.2fs", i, i - start + 1, end - start,
+                            time.perf_counter() - t0)
         with torch.device("cpu"):
             self.rotary_emb = type(base.rotary_emb)(config=self.config)
         self.rotary_emb.to(self.device)

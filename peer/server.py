@@ -352,8 +352,9 @@ class Peer:
 
     async def move(self, start: int, end: int, reason: str = "", check=None) -> bool:
         """Serve blocks ``[start, end)`` instead of the current span, make before break: the new span loads on a
-        loader thread while the old one keeps serving; then (unless the coroutine ``check()`` returns a reason
-        not to) the peer switches and announces the new span. Sessions open on the old span keep running on it,
+        loader thread while the old one keeps serving (blocks both spans hold are not read again: the new span
+        shares their tensors, see :class:`SpanBackend`'s ``reuse``); then (unless the coroutine ``check()`` returns
+        a reason not to) the peer switches and announces the new span. Sessions open on the old span keep running on it,
         and new ones may still open there for ``move_grace`` seconds (clients that read the record just before);
         the old blocks are dropped once those sessions end, or after ``session_timeout`` (the rest then get a
         'moved' error and re-route). Returns whether the peer moved."""
@@ -362,7 +363,7 @@ class Peer:
         loop = asyncio.get_running_loop()
         backend = await loop.run_in_executor(  # not the compute thread: open sessions keep being served
             None, lambda: SpanBackend(self.checkpoint, start, end, self.opts.device, self.dtype,
-                                      use_graphs=self.opts.cuda_graphs)
+                                      use_graphs=self.opts.cuda_graphs, reuse=self.backend)
         )
         if check is not None:
             why = await check()

@@ -2,6 +2,7 @@
 while a client generates without a single failed step. Plus unit tests of the decision rule and the move lock."""
 
 import asyncio
+import re
 import threading
 import time
 
@@ -279,11 +280,21 @@ def test_swarm_rebalances_while_a_client_generates(default_model):
             final = view()
             est1 = rb.estimate(final, final.placement)
             stats = dict(client.stats)
-            moved_lines = []
+            moved_lines, overlapping = [], []
             for i in range(4):
                 with open(swarm.peers[i].log_path) as f:
-                    moved_lines += [f"peer{i}: " + line.split(": ", 1)[-1].strip() for line in f
-                                    if "now serving blocks" in line or " WARNING " in line]
+                    lines = f.read().splitlines()
+                moved_lines += [f"peer{i}: " + line.split(": ", 1)[-1].strip() for line in lines
+                                if "now serving blocks" in line or " WARNING " in line]
+                # a move to a span overlapping the old one keeps the shared blocks (not read again)
+                for j, line in enumerate(lines):
+                    m = re.search(r"moving from blocks (\d+):(\d+) to (\d+):(\d+)", line)
+                    if m:
+                        a, b, c, d = map(int, m.groups())
+                        if max(a, c) < min(b, d):
+                            after = [x for x in lines[j + 1:j + 30] if "keeping blocks" in x or "loaded block" in x]
+                            overlapping.append((i, line, after[:1]))
+                            assert after and f"keeping blocks {max(a, c)}:{min(b, d)} " in after[0], overlapping[-1]
     left = _leftovers(children)
     print(f"\nconverged in {converged_at - t_gen if converged_at else float('nan'):.1f}s after the client started "
           f"({time.time() - t_start:.0f}s in all); estimated {est0:.1f} -> {est1:.1f} tokens/s")
@@ -291,6 +302,7 @@ def test_swarm_rebalances_while_a_client_generates(default_model):
         print("  placement:", {k[-6:]: v for k, v in sorted(pl.items())})
     print("  moves:", *moved_lines, sep="\n    ")
     print(f"  {len(results)} generations ({n_before_stop} before convergence), client stats {stats}")
+    print(f"  {len(overlapping)} moves to an overlapping span kept the shared blocks")
     assert not errors, errors
     assert converged_at is not None, history
     assert not worker.is_alive()

@@ -1,0 +1,58 @@
+"""A peer's move keeps the blocks its old and new spans share (:class:`peer.backend.SpanBackend`'s ``reuse``):
+they are not read again, share the old span's tensors, and both spans still compute exactly what a freshly
+loaded span computes, each with its own KV-cache layer indices."""
+
+import torch
+
+from peer.backend import SpanBackend
+from protocols.model_spec import Checkpoint
+
+
+def _session(backend, hidden, chunks=(5, 1, 1)):
+    """Feed ``hidden`` ``[b, n, h]`` through the span with a KV cache, chunk by chunk (a prefill, then decode steps)."""
+    cache, outs, offset = backend.new_cache(), [], 0
+    for n in chunks:
+        pos = torch.arange(offset, offset + n)[None].expand(hidden.shape[0], -1)
+        outs.append(backend.forward(hidden[:, offset:offset + n], position_ids=pos, cache=cache))
+        offset += n
+    return torch.cat(outs, dim=1)
+
+
+def _storage(t):
+    return t.untyped_storage().data_ptr()
+
+
+def test_move_keeps_shared_blocks_and_outputs(model_dir):
+    ckpt = Checkpoint(model_dir("gqa_odd"))
+    L = ckpt.num_blocks
+    assert L >= 3
+    old = SpanBackend(ckpt, 0, L - 1)
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 7, old.hidden_size)
+    old_ref = _session(old, hidden)
+    new = SpanBackend(ckpt, 1, L, reuse=old)
+    assert new.kept_blocks == L - 2
+    for i in range(1, L - 1):  # shared tensors, distinct modules
+        a, b = old.layers[i].state_dict(), new.layers[i - 1].state_dict()
+        assert all(_storage(a[k]) == _storage(b[k]) for k in a)
+        assert old.layers[i] is not new.layers[i - 1]
+    assert old.layers[1].self_attn.layer_idx == 1 and new.layers[0].self_attn.layer_idx == 0
+    old_storages = {_storage(t) for t in old.layers.state_dict().values()}
+    assert not {_storage(t) for t in new.layers[-1].state_dict().values()} & old_storages  # block L-1: read
+    fresh = SpanBackend(ckpt, 1, L)
+    # both spans compute exactly what freshly loaded spans do, sessions interleaved on them
+    assert torch.equal(_session(new, hidden), _session(fresh, hidden))
+    assert torch.equal(_session(old, hidden), old_ref)
+    assert torch.equal(old.forward(hidden, position_ids=torch.arange(7)[None].expand(2, -1)),
+                       SpanBackend(ckpt, 0, L - 1).forward(hidden, position_ids=torch.arange(7)[None].expand(2, -1)))
+
+
+def test_reuse_needs_the_same_checkpoint_and_dtype(mha_model):
+    ckpt = Checkpoint(mha_model)
+    old = SpanBackend(ckpt, 0, 2)
+    other_dtype = SpanBackend(ckpt, 1, 3, dtype=torch.float64, reuse=old)
+    assert other_dtype.kept_blocks == 0 and other_dtype.layers[0].self_attn.q_proj.weight.dtype == torch.float64
+    other_ckpt = SpanBackend(Checkpoint(mha_model), 1, 3, reuse=old)
+    assert other_ckpt.kept_blocks == 0
+    apart = SpanBackend(ckpt, 2, 3, reuse=old)  # no block in common
+    assert apart.kept_blocks == 0
