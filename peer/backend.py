@@ -21,11 +21,15 @@ import time
 from typing import Optional
 
 import torch
+import transformers
 from torch import nn
-from transformers import DynamicCache, StaticCache
-from transformers.masking_utils import create_causal_mask
 
-from protocols.model_spec import Checkpoint, build_meta_model
+from protocols.model_spec import Checkpoint, build_meta_model, check_transformers
+
+check_transformers(transformers.__version__)  # a clear error rather than a TypeError in the first forward pass
+
+from transformers import DynamicCache, StaticCache  # noqa: E402
+from transformers.masking_utils import create_causal_mask  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -30,6 +30,22 @@ class ModelSpecError(ValueError):
     """The model cannot be found, or is not a family this swarm can serve."""
 
 
+MIN_TRANSFORMERS = "5.24"  # the layers' and masks' ``cache`` argument (it was ``past_key_values`` before 5.24)
+
+
+def check_transformers(version: str) -> None:
+    """Refuse a ``transformers`` older than :data:`MIN_TRANSFORMERS` (the one ``pyproject.toml`` asks for), whose
+    layer and mask functions take other arguments than :mod:`peer.backend` passes.
+
+    :raises RuntimeError: naming the version found and the one needed
+    """
+    from packaging.version import Version
+
+    if Version(version) < Version(MIN_TRANSFORMERS):
+        raise RuntimeError(f"transformers {version} is installed; this swarm needs transformers>={MIN_TRANSFORMERS} "
+                           f"(pip install 'transformers>={MIN_TRANSFORMERS},<6')")
+
+
 def _hub_download(repo_id: str, filename: str) -> str:
     from huggingface_hub import hf_hub_download
 

@@ -65,3 +65,14 @@ def test_cli_reports_a_truncated_model_in_one_line(mha_model, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "model.safetensors" in err and "Traceback" not in err, err
         assert len(err.splitlines()) == 1, err
+
+
+def test_an_older_transformers_is_refused_by_name():
+    from protocols.model_spec import MIN_TRANSFORMERS, check_transformers
+
+    with pytest.raises(RuntimeError, match=r"transformers 5\.17\.0 is installed; this swarm needs transformers>=5\.24"):
+        check_transformers("5.17.0")
+    check_transformers(MIN_TRANSFORMERS)
+    import transformers
+
+    check_transformers(transformers.__version__)  # what is installed is accepted
