@@ -34,6 +34,16 @@ from transformers.masking_utils import create_causal_mask  # noqa: E402
 logger = logging.getLogger(__name__)
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one, however spelled ("cpu" and "cpu:0"; "cuda" and "cuda:N" for the current N)."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return a.type == "cpu" or a.index == b.index
+    current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
 class SpanBackend:
     """Blocks ``[start, end)`` of a model, ready to run.
 
@@ -64,7 +74,7 @@ class SpanBackend:
         meta = build_meta_model(self.config)
         base = meta.base_model
         self.layers = nn.ModuleList()
-        if reuse is not None and not (reuse.checkpoint is checkpoint and reuse.device == self.device
+        if reuse is not None and not (reuse.checkpoint is checkpoint and _same_device(reuse.device, self.device)
                                       and reuse.dtype == dtype):
             reuse = None
         kept = range(max(start, reuse.start), min(end, reuse.end)) if reuse is not None else range(0)

@@ -56,3 +56,4 @@ def test_reuse_needs_the_same_checkpoint_and_dtype(mha_model):
     assert other_ckpt.kept_blocks == 0
     apart = SpanBackend(ckpt, 2, 3, reuse=old)  # no block in common
     assert apart.kept_blocks == 0
+    assert SpanBackend(ckpt, 1, 3, device="cpu:0", reuse=old).kept_blocks == 1  # the same device, spelled otherwise
