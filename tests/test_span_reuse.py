@@ -2,6 +2,7 @@
 they are not read again, share the old span's tensors, and both spans still compute exactly what a freshly
 loaded span computes, each with its own KV-cache layer indices."""
 
+import pytest
 import torch
 
 from peer.backend import SpanBackend
@@ -57,3 +58,33 @@ def test_reuse_needs_the_same_checkpoint_and_dtype(mha_model):
     apart = SpanBackend(ckpt, 2, 3, reuse=old)  # no block in common
     assert apart.kept_blocks == 0
     assert SpanBackend(ckpt, 1, 3, device="cpu:0", reuse=old).kept_blocks == 1  # the same device, spelled otherwise
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_move_on_a_gpu_with_graphed_sessions(model_dir):
+    """On a CUDA device: the kept blocks take no second copy of GPU memory, and sessions whose decode steps replay
+    CUDA graphs on the old and the new span (interleaved) equal those on freshly loaded spans."""
+    ckpt = Checkpoint(model_dir("gqa_odd"))
+    L = ckpt.num_blocks
+    old = SpanBackend(ckpt, 0, L - 1, device="cuda")
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, old.hidden_size)
+    before = torch.cuda.memory_allocated()
+    new = SpanBackend(ckpt, 1, L, device="cuda", reuse=old)
+    added = torch.cuda.memory_allocated() - before
+    assert new.kept_blocks == L - 2 and added <= new.parameter_bytes() // (L - 1) + (1 << 20)  # one block read
+    fresh_old, fresh_new = SpanBackend(ckpt, 0, L - 1, device="cuda"), SpanBackend(ckpt, 1, L, device="cuda")
+    chunks = (5, 1, 1, 1, 1)
+    caches = {name: b.new_cache(2, 16) for name, b in
+              (("old", old), ("new", new), ("fresh_old", fresh_old), ("fresh_new", fresh_new))}
+    assert all(type(c).__name__ == "GraphCache" for c in caches.values())
+    outs = {name: [] for name in caches}
+    offset = 0
+    for n in chunks:  # one step of each session in turn
+        pos = torch.arange(offset, offset + n)[None].expand(2, -1)
+        for name, b in (("old", old), ("new", new), ("fresh_old", fresh_old), ("fresh_new", fresh_new)):
+            outs[name].append(b.forward(hidden[:, offset:offset + n], position_ids=pos, cache=caches[name]))
+        offset += n
+    assert caches["new"].replays > 0 and caches["old"].replays > 0
+    assert torch.equal(torch.cat(outs["old"], 1), torch.cat(outs["fresh_old"], 1))
+    assert torch.equal(torch.cat(outs["new"], 1), torch.cat(outs["fresh_new"], 1))

@@ -11,7 +11,9 @@ Both systems are driven by the same :mod:`partitioner` code the peers and client
   and clients route by its whole-span rule (:mod:`partitioner.petals`); what it serves is the bottleneck load of that
   routing (:func:`partitioner.flow.served_throughput`).
 
-A moving or joining peer serves nothing while it loads its blocks (``load_s`` per block plus a fixed start-up).
+A moving or joining peer serves nothing while it loads its blocks (``load_s`` per block plus a fixed start-up); a
+moving peer of ours loads only the blocks its old span lacks (a live peer keeps the others,
+:class:`peer.backend.SpanBackend`'s ``reuse``), a Petals server its whole new span.
 Dead peers vanish from routing at once (kinder to Petals than its 180 s timeouts). Requests arrive as a fluid
 stream of ``demand`` tokens/s; served throughput at a time is ``min(demand, capacity)``.
 """
@@ -240,8 +242,10 @@ def run_churn(seed: int = 0, num_peers: int = 40, duration: float = 3600.0, mean
                 if set(unserved_blocks(others, L)) - set(unserved_blocks(serving, L)):
                     return  # would leave a block unserved now: wait for a loading peer to finish
                 ours_queue.pop(0)
+                old = ours[pid]
                 ours[pid] = span
-                busy_ours[pid] = now + load_time(model, span[1] - span[0])
+                kept = max(0, min(old[1], span[1]) - max(old[0], span[0]))  # blocks it holds already (not read)
+                busy_ours[pid] = now + load_time(model, span[1] - span[0] - kept)
                 push(busy_ours[pid], "ours_move_done", pid)
             else:
                 ours_queue.pop(0)
