@@ -342,7 +342,7 @@ class Rebalancer:
             again, why = self.decide(view)
             if again is None or again.peer_id != me or again.new != decision.new:
                 return "plan changed: " + why
-            logger.info("rebalancing: %s", again.describe())
+            logger.debug("rebalancing: %s", again.describe())  # the move's own line (Peer.move) gives the reason
             old = (again.old[0], again.old[1])
 
             async def still_safe() -> Optional[str]:

@@ -614,12 +614,13 @@ class InferenceSession:
         hop = self.hops[index]
         failed_at = time.time()
         if e.ban:
-            self.model._ban(e.peer_id, e.reason)
+            self.model._ban(e.peer_id, e.reason, log=False)
         hop.close()
-        # an idle session the peer closed (its --session-timeout) is routine: one INFO line; a failure is a warning
-        # (its ban, if any, was logged by _ban)
-        logger.log(logging.WARNING if e.ban else logging.INFO, "session %s: %s; %s blocks %d:%d",
-                   self.session_id[:8], e, "replacing" if e.ban else "reopening", hop.hop.start, hop.hop.end)
+        # one line per failure, the ban included; an idle session the peer closed (its --session-timeout) is
+        # routine: INFO, a failure is a warning
+        logger.log(logging.WARNING if e.ban else logging.INFO, "session %s: %s; %s blocks %d:%d%s",
+                   self.session_id[:8], e, "replacing" if e.ban else "reopening", hop.hop.start, hop.hop.end,
+                   self.model._ban_note() if e.ban else "")
         replaced = await self._replace(index, deadline)
         self.model.stats["failovers"] += 1
         self.failovers.append({"peer_id": e.peer_id, "reason": e.reason, "detected_at": failed_at,
@@ -820,10 +821,16 @@ class DistributedModelForCausalLM:
         ``min_step_timeout`` seconds; a silent peer is declared failed after it."""
         return max(self.min_step_timeout, self.step_timeout_factor * hop.expected_seconds(tokens))
 
-    def _ban(self, peer_id: str, reason: str) -> None:
-        logger.info("not using peer %s for %.0fs: %s", peer_id, self.ban_seconds, reason)
+    def _ban(self, peer_id: str, reason: str, log: bool = True) -> None:
+        """Route around ``peer_id`` for ``ban_seconds``; ``log=False`` where the caller's own line says so
+        (:meth:`_ban_note`), so that one failure is one log line."""
+        if log:
+            logger.info("not using peer %s for %.0fs: %s", peer_id, self.ban_seconds, reason)
         self.stats["bans"] += 1
         self._bans[peer_id] = (time.time(), reason)
+
+    def _ban_note(self) -> str:
+        return f" (not using the peer for {self.ban_seconds:.0f}s)"
 
     def _banned_ids(self) -> set:
         now = time.time()
@@ -1024,11 +1031,11 @@ class DistributedModelForCausalLM:
             except _PeerFailed as e:
                 last_error = e
                 if e.ban:
-                    self._ban(e.peer_id, e.reason)
+                    self._ban(e.peer_id, e.reason, log=False)
                 else:
                     skip.add(e.peer_id)
                 self.stats["forward_retries"] += 1
-                logger.warning("forward: %s; retrying on another chain", e)
+                logger.warning("forward: %s; retrying on another chain%s", e, self._ban_note() if e.ban else "")
                 if time.monotonic() > deadline:
                     raise SwarmError(f"forward failed: {e}") from e
 

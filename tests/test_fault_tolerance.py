@@ -1,5 +1,6 @@
 """Generation survives peers dying: the output equals a run with no failure."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -51,10 +52,11 @@ def _add_faulty(swarm, span, *flags):
     ("first peer", (0, 1), 4),
     ("last peer", (3, 4), 4),
 ])
-def test_crash_changes_no_token(swarm, mha_model, reference, where, span, step):
+def test_crash_changes_no_token(swarm, mha_model, reference, where, span, step, caplog):
     enc, expected = reference
     faulty = _add_faulty(swarm, span, "--crash-at-step", str(step))
     faulty_id = faulty.ready_line.split()[1]
+    caplog.set_level(logging.INFO, logger="swarm.client")
     with DistributedModelForCausalLM.from_pretrained(mha_model, initial_peers=swarm.initial_peers) as client:
         session = client.inference_session(max_length=64, batch_size=2)
         got = client.generate(enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=NEW_TOKENS,
@@ -67,6 +69,10 @@ def test_crash_changes_no_token(swarm, mha_model, reference, where, span, step):
         code = None
     assert code == -signal.SIGKILL, (code, session.failovers, [h.hop for h in session.hops], faulty.tail(15))
     assert faulty_id in [f["peer_id"] for f in session.failovers], session.failovers
+    # one failure, one log line: what failed, what the session does, and that the peer is not used for a while
+    said = [r for r in caplog.records if faulty_id in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING, [r.getMessage() for r in said]
+    assert "replacing blocks" in said[0].getMessage() and "not using the peer for" in said[0].getMessage()
 
 
 def test_silent_peer_is_replaced_after_its_step_deadline(swarm, mha_model, reference):

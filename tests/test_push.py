@@ -162,8 +162,11 @@ class _FakeModel:
     def step_timeout_for(self, hop, tokens):
         return 1.0
 
-    def _ban(self, peer_id, reason):
+    def _ban(self, peer_id, reason, log=True):
         self.banned.append(peer_id)
+
+    def _ban_note(self):
+        return " (not using the peer)"
 
 
 def test_a_peer_that_dies_holding_the_next_ones_input_is_replaced_and_outputs_stay_exact():

@@ -286,6 +286,8 @@ def test_swarm_rebalances_while_a_client_generates(default_model):
                     lines = f.read().splitlines()
                 moved_lines += [f"peer{i}: " + line.split(": ", 1)[-1].strip() for line in lines
                                 if "now serving blocks" in line or " WARNING " in line]
+                # one line per move: the peer's "moving from blocks ...: <reason>", not also the rebalancer's
+                assert not [x for x in lines if "peer.rebalancer: rebalancing: " in x], lines
                 # a move to a span overlapping the old one keeps the shared blocks (not read again)
                 for j, line in enumerate(lines):
                     m = re.search(r"moving from blocks (\d+):(\d+) to (\d+):(\d+)", line)
