@@ -242,17 +242,19 @@ class _HopStream:
         self.pending_answer = answer
         if pushed_wait is not None:
             await asyncio.wait({answer}, timeout=pushed_wait)
+        lost_push = False
         if not answer.done():
             if pushed_wait is not None:
-                self.trust_push = False
-                logger.info("peer %s: a pushed step did not arrive within %.2fs; the client sends every step",
-                            self.peer_id[-6:], pushed_wait)
+                self.trust_push, lost_push = False, True
             if hidden is None:
                 hidden = await fetch()  # on failure the answer stays pending for the retry of this step
             await self.queue.put(runtime_pb2.ExpertRequest(tensors=self._tensors(hidden, mask), metadata=pack(meta)))
         self.pending_answer = None
         step = meta.get("step")
         response, answer_meta = await self._answer(timeout, lambda m: m.get("step") == step, answer)
+        if lost_push:  # said once the step is answered: if a peer failed instead, its failover is the one line
+            logger.info("peer %s: a pushed step did not arrive within %.2fs; the client sends every step",
+                        self.peer_id[-6:], pushed_wait)
         self.last_pushed = answer_meta.get("pushed") is True
         if not response.tensors and self.last_pushed and self.keeps_outputs:
             return None

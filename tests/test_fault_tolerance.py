@@ -73,6 +73,10 @@ def test_crash_changes_no_token(swarm, mha_model, reference, where, span, step, 
     said = [r for r in caplog.records if faulty_id in r.getMessage()]
     assert len(said) == 1 and said[0].levelno == logging.WARNING, [r.getMessage() for r in said]
     assert "replacing blocks" in said[0].getMessage() and "not using the peer for" in said[0].getMessage()
+    # nor a line blaming the next peer for the push the failed one never sent, just before its failover
+    mine = [r for r in caplog.records if r.name == "swarm.client"]
+    k = mine.index(said[0])
+    assert k == 0 or "pushed step did not arrive" not in mine[k - 1].getMessage(), mine[k - 1].getMessage()
 
 
 def test_silent_peer_is_replaced_after_its_step_deadline(swarm, mha_model, reference):
