@@ -80,6 +80,7 @@ class SpanBackend:
         kept = range(max(start, reuse.start), min(end, reuse.end)) if reuse is not None else range(0)
         self.kept_blocks = len(kept)  # blocks taken from ``reuse`` rather than read
         t0 = time.perf_counter()
+        read, to_read = 0, (end - start) - len(kept)
         if len(kept):
             logger.info("keeping blocks %d:%d of the current span (not read again)", kept.start, kept.stop)
         for i in range(start, end):
@@ -96,8 +97,8 @@ class SpanBackend:
             layer.eval().requires_grad_(False)
             self.layers.append(layer)
             if i not in kept:
-                logger.info("loaded block %d (%d/%d) in %.2fs", i, i - start + 1, end - start,
-                            time.perf_counter() - t0)
+                read += 1
+                logger.info("loaded block %d (%d/%d) in %.2fs", i, read, to_read, time.perf_counter() - t0)
         with torch.device("cpu"):
             self.rotary_emb = type(base.rotary_emb)(config=self.config)
         self.rotary_emb.to(self.device)

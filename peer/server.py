@@ -49,6 +49,17 @@ EARLY_PUSH_BYTES = 256 << 20  # and their bytes
 INLINE_TOKENS = 8  # steps of at most this many tokens (batch x new tokens) run on the event-loop thread
 
 
+def block_ranges(blocks) -> str:
+    """Sorted block indices as ``start:end`` runs, e.g. ``[0, 1, 5, 6, 7]`` -> ``"0:2, 5:8"``."""
+    runs: list = []
+    for b in blocks:
+        if runs and b == runs[-1][1]:
+            runs[-1][1] = b + 1
+        else:
+            runs.append([b, b + 1])
+    return ", ".join(f"{a}:{z}" for a, z in runs)
+
+
 def _internal_error(e: Exception, what: str) -> Exception:
     """The error a handler sends back for ``e``: expected errors (bad input, a peer leaving) as they are; anything
     else is logged with its traceback and named by type, so neither the peer's log nor the client sees an
@@ -391,7 +402,12 @@ class Peer:
                 await asyncio.sleep(0.1)
         finally:
             self._retired.pop(old, None)
-        logger.info("dropped blocks %d:%d after %.1fs", *old_span, time.monotonic() - t0)
+        freed = [b for b in range(*old_span) if not start <= b < end]  # the others are the new span's now
+        if freed:
+            logger.info("dropped blocks %s after %.1fs", block_ranges(freed), time.monotonic() - t0)
+        else:
+            logger.info("released the old span %d:%d after %.1fs (the new span holds all its blocks)", *old_span,
+                        time.monotonic() - t0)
         return True
 
     def _backend_for(self, meta) -> SpanBackend:

@@ -297,6 +297,11 @@ def test_swarm_rebalances_while_a_client_generates(default_model):
                             after = [x for x in lines[j + 1:j + 30] if "keeping blocks" in x or "loaded block" in x]
                             overlapping.append((i, line, after[:1]))
                             assert after and f"keeping blocks {max(a, c)}:{min(b, d)} " in after[0], overlapping[-1]
+                            # and drops only the old blocks the new span lacks
+                            freed = [x for x in range(a, b) if not c <= x < d]
+                            drop = [x for x in lines[j + 1:] if "dropped blocks" in x or "released the old span" in x]
+                            if freed and freed == list(range(freed[0], freed[-1] + 1)):
+                                assert drop and f"dropped blocks {freed[0]}:{freed[-1] + 1} after" in drop[0], drop
     left = _leftovers(children)
     print(f"\nconverged in {converged_at - t_gen if converged_at else float('nan'):.1f}s after the client started "
           f"({time.time() - t_start:.0f}s in all); estimated {est0:.1f} -> {est1:.1f} tokens/s")

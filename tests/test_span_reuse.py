@@ -2,6 +2,8 @@
 they are not read again, share the old span's tensors, and both spans still compute exactly what a freshly
 loaded span computes, each with its own KV-cache layer indices."""
 
+import logging
+
 import pytest
 import torch
 
@@ -23,7 +25,7 @@ def _storage(t):
     return t.untyped_storage().data_ptr()
 
 
-def test_move_keeps_shared_blocks_and_outputs(model_dir):
+def test_move_keeps_shared_blocks_and_outputs(model_dir, caplog):
     ckpt = Checkpoint(model_dir("gqa_odd"))
     L = ckpt.num_blocks
     assert L >= 3
@@ -31,8 +33,12 @@ def test_move_keeps_shared_blocks_and_outputs(model_dir):
     torch.manual_seed(0)
     hidden = torch.randn(2, 7, old.hidden_size)
     old_ref = _session(old, hidden)
+    caplog.set_level(logging.INFO, logger="peer.backend")
     new = SpanBackend(ckpt, 1, L, reuse=old)
     assert new.kept_blocks == L - 2
+    said = [r.getMessage() for r in caplog.records if r.name == "peer.backend"]
+    assert said[0] == f"keeping blocks 1:{L - 1} of the current span (not read again)", said
+    assert len(said) == 2 and said[1].startswith(f"loaded block {L - 1} (1/1) in "), said  # counts blocks read
     for i in range(1, L - 1):  # shared tensors, distinct modules
         a, b = old.layers[i].state_dict(), new.layers[i - 1].state_dict()
         assert all(_storage(a[k]) == _storage(b[k]) for k in a)
@@ -88,3 +94,11 @@ def test_move_on_a_gpu_with_graphed_sessions(model_dir):
     assert caches["new"].replays > 0 and caches["old"].replays > 0
     assert torch.equal(torch.cat(outs["old"], 1), torch.cat(outs["fresh_old"], 1))
     assert torch.equal(torch.cat(outs["new"], 1), torch.cat(outs["fresh_new"], 1))
+
+
+def test_a_move_names_the_blocks_it_drops():
+    from peer.server import block_ranges
+
+    assert block_ranges([2]) == "2:3"
+    assert block_ranges([0, 1, 5, 6, 7]) == "0:2, 5:8"  # a new span inside the old one
+    assert block_ranges([]) == ""
