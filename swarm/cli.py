@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hold at most this many blocks: the peer picks its span from the swarm's announced figures "
                         "and moves when the swarm's rebalancing plan says so")
     p.add_argument("--balance", action="store_true",
-                   help="with --blocks: start on that span, then move like a --num-blocks peer (at most as many blocks)")
+                   help="with --blocks: start on that span, then move like a --num-blocks peer (at most as many "
+                        "blocks); a peer started without --blocks balances anyway")
     p.add_argument("--rebalance-period", type=_number(0, low_open=True), default=3.0,
                    help="seconds between a balancing peer's placement checks (x0.5..1.5 jitter)")
     p.add_argument("--rebalance-delay", type=_number(0), default=0.0,
@@ -454,6 +455,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(_join_negative_spans(list(sys.argv[1:] if argv is None else argv)))
     try:
         _setup_logging(args.log_level)
+        if args.func is not cmd_dht:  # every other command runs a model's layers or loads its checkpoint
+            import transformers
+
+            from protocols.model_spec import check_transformers
+            try:
+                check_transformers(transformers.__version__)
+            except RuntimeError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
         return int(args.func(args) or 0)
     except KeyboardInterrupt:  # Ctrl-C before a command's own handling starts (e.g. while importing)
         print("interrupted", file=sys.stderr)

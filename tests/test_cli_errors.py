@@ -165,3 +165,12 @@ def test_ctrl_c_before_a_command_handles_it_is_one_line(monkeypatch, capsys):
     assert cli.main(["peer", "--new-swarm", "--blocks", "0:1"]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "interrupted" and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["peer", "--blocks", "0:1"]])
+def test_an_older_transformers_is_a_one_line_error(command, monkeypatch, capsys):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    peers = ["--initial-peers", "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWR1jGYtyz7wQNKLaRu9drW3eWWXbtu715Hy7DYJBjip5c"]
+    _one_line_error(capsys, command + peers, "transformers 5.17.0 is installed", "transformers>=5.24")
