@@ -427,12 +427,10 @@ def _run(cost, integrality, lb, ub, a, lo, hi, time_limit, mip_rel_gap, x0):
 
 
 def _start_vector(pl, kept, model, comp, netv, scale, L, o_h, o_t, o_x, o_u, z_first, nvar):
-    """The program's variables (layout of :func:`solve`, exact blocks) at placement ``pl`` routed by its max flow
-    (:func:`partitioner.flow.max_flow`): a starting incumbent. None if ``pl`` misses a peer, a span does not fit its
-    peer's memory or the placement serves nothing."""
+    """The program's variables (layout of :func:`solve`, exact blocks) at placement ``pl`` (already through
+    :func:`check_placement`) routed by its max flow (:func:`partitioner.flow.max_flow`): a starting incumbent. None
+    if the placement serves nothing."""
     from .flow import max_flow, placed_peers
-    if any(p.peer_id not in pl for p in kept):
-        return None
     sol = max_flow(placed_peers(kept, model, pl), L, hop_penalty=0.0)
     if sol.throughput <= 0:
         return None
@@ -441,8 +439,6 @@ def _start_vector(pl, kept, model, comp, netv, scale, L, o_h, o_t, o_x, o_u, z_f
     for i, p in enumerate(kept):
         s, e = pl[p.peer_id]
         k = e - s
-        if k > len(comp[i]):
-            return None
         x0[o_h + i * L + s: o_h + i * L + e] = 1.0
         x0[o_t + i * L + s] = 1.0
         x0[z_first[i] + k - 1] = 1.0
@@ -529,8 +525,8 @@ def improve_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: Pl
         return cur, res
     rng = np.random.default_rng(seed)
     ids = [p.peer_id for p in kept]
+    sol = max_flow(placed_peers(peers, model, cur), L)  # the current placement's flow: its prices pick the blocks
     while time.time() - t0 < time_limit and (upper is None or have < upper * (1 - 1e-6)):
-        sol = max_flow(placed_peers(peers, model, cur), L)
         price = sol.block_price if sol.block_price is not None else np.zeros(L)
         hot = np.flatnonzero(price > 1e-9)
         b = int(rng.choice(hot)) if len(hot) and rng.random() < 0.7 else int(rng.integers(L))
@@ -542,9 +538,9 @@ def improve_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: Pl
                     max_moves=len(movers), movable=movers, initial=cur)
         if res.placement is not None:
             new = {pid: res.placement.get(pid, span) for pid, span in cur.items()}
-            val = evaluate_placement(peers, model, new)
-            if val > have * (1 + 1e-6):
-                cur, have = new, val
+            new_sol = max_flow(placed_peers(peers, model, new), L)
+            if new_sol.throughput > have * (1 + 1e-6):
+                cur, have, sol = new, new_sol.throughput, new_sol
     return cur, MilpResult(float("inf"), have, cur, 1, time.time() - t0)
 
 
