@@ -361,8 +361,9 @@ class TrainingPeer:
             done = max(done, min(H, int(est)))
         return max(1, H - done)
 
-    def _adopt_swarm_state(self, reason: str) -> bool:
-        """Download the main group's state; align ``inner_step`` with its round. False if none was served."""
+    def _adopt_swarm_state(self, reason: str, final: bool = False) -> bool:
+        """Download the main group's state; align ``inner_step`` with its round (``final``: the run's last
+        outer step is done, there is no next round). False if none was served."""
         t0 = time.perf_counter()
         got = None
         while got is None and time.perf_counter() - t0 < 30:  # libp2p backs off a failed dial for a few seconds
@@ -374,18 +375,46 @@ class TrainingPeer:
             return False
         self.optimizer = make_inner_optimizer(self.model, self.cfg.lr, self.cfg.weight_decay)
         self._fresh_inner_optimizer_steps = 0
-        left = self._steps_left_in_round(self._fetch())
-        self.inner_step = self.cfg.inner_steps - left
+        left = 0 if final else self._steps_left_in_round(self._fetch())
+        self.inner_step = 0 if final else self.cfg.inner_steps - left
         self._caught_up_at = self.sync.outer_step_count
         with contextlib.suppress(Exception):
             self._publish()
         self._log_event(dict(kind="join", reason=reason, outer_step=self.sync.outer_step_count,
                              bytes_received=int(got["bytes"]), seconds=time.perf_counter() - t0,
                              inner_steps_this_round=left))
-        logger.info("peer %s %s: downloaded the swarm's state at outer step %d (%.1f MB, %.1f s); %d inner steps "
-                    "left in this round", self.peer_name, reason, self.sync.outer_step_count, got["bytes"] / 1e6,
-                    time.perf_counter() - t0, left)
+        logger.info("peer %s %s: downloaded the swarm's state at outer step %d (%.1f MB, %.1f s)%s", self.peer_name,
+                    reason, self.sync.outer_step_count, got["bytes"] / 1e6, time.perf_counter() - t0,
+                    "" if final else f"; {left} inner steps left in this round")
         return True
+
+    def _finish_together(self) -> None:
+        """After the run's last outer step: if a live peer holds a better final state (it averaged a group while
+        this peer's side of the all-reduce failed), download it; otherwise keep serving this peer's state while
+        peers that need it catch up, at most ``finish_wait`` seconds (see :func:`protocols.diloco.plan_finish`).
+        So the peers that finish a run together end it with the same model."""
+        from protocols.diloco import plan_finish
+
+        wait = self.sync.config.finish_wait
+        me, t0, downloaded, said = self.dht.peer_id.to_bytes(), time.monotonic(), False, False
+        while not self._stop.is_set():
+            plan = plan_finish(self._fetch(), me, self.sync.outer_step_count, self.sync.group_score)
+            if plan.download and not downloaded:
+                downloaded = True
+                if self._adopt_swarm_state("caught up", final=True):
+                    self.save_checkpoint()
+                continue
+            if not plan.wait_for:
+                return
+            if time.monotonic() - t0 > wait:
+                logger.info("peer %s: leaving after %.0f s although %d peer(s) may still need its final state",
+                            self.peer_name, wait, len(plan.wait_for))
+                return
+            if not said:
+                said = True
+                logger.info("peer %s: waiting up to %.0f s for %d peer(s) to finish the last outer step with it",
+                            self.peer_name, wait, len(plan.wait_for))
+            self._stop.wait(0.5)
 
     # ---------------------------------------------------------------- training
     def _log_event(self, event: Dict[str, Any]) -> None:
@@ -445,6 +474,8 @@ class TrainingPeer:
                     logger.info("peer %s: stopping after %d outer steps in this session", self.peer_name, session_outer)
                     break
             finished = self.sync.outer_step_count >= cfg.outer_steps
+            if finished and not self._stop.is_set():
+                self._finish_together()
             stopped = self._stop.is_set()  # asked to leave (SIGTERM / Ctrl-C / stop())
             return self._finish(finished, stopped)
         finally:
@@ -490,6 +521,8 @@ class TrainingPeer:
         steps_done = self.inner_step - start_inner
         compute_s = time.perf_counter() - t_round
 
+        with contextlib.suppress(Exception):
+            self._publish()  # inner steps done: the others plan their outer step from this record
         progress = self._fetch()
         plan = plan_outer_step(progress, self.dht.peer_id.to_bytes(), self.sync.outer_step_count,
                                self.sync.group_score, get_dht_time(), min_wait=self.sync.config.min_wait,
@@ -580,7 +613,8 @@ def plot_loss_curves(histories: Dict[str, Dict[str, List[Dict[str, Any]]]], path
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # (a peer that joined at the end has no curve)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

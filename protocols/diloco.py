@@ -387,6 +387,9 @@ def plan_outer_step(
     The deadline is when the slowest live peer at the same outer step is predicted to finish its inner steps
     (from its last record, its remaining steps and its step rate), plus ``slack`` seconds, kept within
     ``[now + min_wait, now + max_wait]``: the step then proceeds with whoever is present by the deadline.
+    A peer whose record shows the previous outer step with its inner steps done is expected too, after a whole
+    round of inner steps: it is in its outer step to ours, or it finished that step with us and its newer record
+    is not visible yet (rounds shorter than the records' refresh period).
 
     :param progress: records by peer id bytes (this peer's own may be among them; it is ignored)
     :param me: this peer's id bytes
@@ -401,6 +404,12 @@ def plan_outer_step(
         if record.outer_step > outer_step:
             behind = True
             continue
+        if record.outer_step == outer_step - 1 and record.target_inner_steps and \
+                record.inner_step >= record.target_inner_steps:
+            expected += 1
+            if record.steps_per_s > 0:
+                latest_finish = max(latest_finish, record.time + record.target_inner_steps / record.steps_per_s)
+            continue
         if record.outer_step < outer_step:
             continue
         if record.group_score > group_score + 1e-9:
@@ -412,6 +421,49 @@ def plan_outer_step(
             latest_finish = max(latest_finish, record.time + remaining / record.steps_per_s)
     deadline = min(max(latest_finish + slack, now + min_wait), now + max_wait)
     return OuterPlan(deadline=deadline, expected=expected, behind=behind)
+
+
+@dataclass
+class FinishPlan:
+    """What a peer that has done its last outer step does before it leaves the run.
+
+    :param download: a live peer holds a better final state (same outer step, larger group score, or a later
+      step): download it, so that the peers finishing together end with the same model
+    :param wait_for: live peers that may still need this peer's state: peers at the same outer step with a lower
+      group score (they will download), and peers still in their previous outer step (inner steps done: their
+      all-reduce may have failed on their side only); empty when there is nothing to wait for
+    """
+
+    download: bool
+    wait_for: List[bytes]
+
+
+def plan_finish(progress: Dict[bytes, ProgressRecord], me: bytes, outer_step: int, group_score: float) -> FinishPlan:
+    """Plan the end of a run for a peer at its last outer step ``outer_step`` (a pure function).
+
+    An all-reduce can fail on one side only (a stream that breaks under load after one peer has all its parts):
+    one peer then steps alone while its groupmate applied the average. In the middle of a run the lone peer
+    catches up at the next outer step (:func:`plan_outer_step`); after the last outer step there is no next
+    one, so the lone peer downloads the better state now and the others wait for it (bounded by the caller).
+
+    :param progress: live records by peer id bytes (this peer's own, and records of peers that left, are ignored)
+    :param me: this peer's id bytes
+    :param outer_step: this peer's outer step number (the run's last)
+    :param group_score: this peer's last group score (see :class:`ProgressRecord`)
+    """
+    download, wait_for = False, []
+    for peer, record in progress.items():
+        if peer == me or record.left:
+            continue
+        same = record.outer_step == outer_step
+        if record.outer_step > outer_step or (same and record.group_score > group_score + 1e-9):
+            download = True
+        elif same and record.group_score < group_score - 1e-9:
+            wait_for.append(peer)
+        elif record.outer_step == outer_step - 1 and record.target_inner_steps and \
+                record.inner_step >= record.target_inner_steps:
+            wait_for.append(peer)
+    return FinishPlan(download=download, wait_for=[] if download else wait_for)
 
 
 # --------------------------------------------------------------------------------------------- the outer step
@@ -431,6 +483,8 @@ class DiLoCoConfig:
     :param progress_ttl: seconds a progress record lives unless refreshed
     :param lonely_retries: times an outer step that expected others but found no group by its deadline waits
       ``min_wait + slack`` seconds more (same group key) before the peer steps alone
+    :param finish_wait: seconds a peer that has done the run's last outer step keeps serving its state to peers
+      that still need it (see :func:`plan_finish`) before it leaves
     """
 
     outer_lr: float = 0.7
@@ -445,6 +499,7 @@ class DiLoCoConfig:
     next_chunk_timeout: float = 5.0
     progress_ttl: float = 15.0
     lonely_retries: int = 2
+    finish_wait: float = 30.0
 
     def __post_init__(self):
         if self.min_matchmaking_time <= self.request_timeout:
@@ -614,7 +669,11 @@ class DiLoCoSync:
                 torch.sub(a, p.detach().float(), out=buf)
         group_size, weight_total, peers, error, retries = 1, float(weight), [], "", 0
         t_wait = time.perf_counter()
-        new_score = 1.0  # (self.group_score is shared with joining peers: change it only once the step is done)
+        # a lone step scores 1 plus a tie-breaker of its own id: two peers that both stepped alone at this outer
+        # step hold different anchors, and the lower one must catch up with the other instead of averaging with
+        # it from then on (which would keep the anchors apart for the rest of the run). (self.group_score is
+        # shared with joining peers: change it only once the step is done)
+        new_score = 1.0 + (group_tiebreak([self.dht.peer_id.to_bytes()]) if self.dht is not None else 0.0)
         note = ""
         if expected_group is None or expected_group > 1:
             with self.averager.get_tensors() as buffers:

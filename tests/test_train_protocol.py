@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from protocols.diloco import (
-    DiLoCoConfig, DiLoCoSync, OuterPlan, ProgressRecord, group_tiebreak, plan_outer_step, round_group_bits,
-    sharing_priority,
+    DiLoCoConfig, DiLoCoSync, FinishPlan, OuterPlan, ProgressRecord, group_tiebreak, plan_finish, plan_outer_step,
+    round_group_bits, sharing_priority,
 )
 from protocols.transport import LOCAL_ONLY
 
@@ -40,6 +40,54 @@ def test_peers_elsewhere_or_gone_are_not_expected_and_a_stale_anchor_is_detected
     better_group = {b"x": rec(3, 5, score=3.2)}
     assert plan_outer_step(better_group, b"me", 3, 2.1, now=100.0, min_wait=2, max_wait=9, slack=1).behind
     assert not plan_outer_step(better_group, b"me", 3, 3.2, now=100.0, min_wait=2, max_wait=9, slack=1).behind
+
+
+def test_the_last_outer_step_is_settled_before_peers_leave():
+    """After the run's last outer step (10 here) a peer downloads a better final state if a live peer holds one,
+    and otherwise waits for the peers that may still need its state."""
+    lone, pair = 1.3, 2.2
+    # our side of the last all-reduce failed (we stepped alone); the groupmate applied the average: download
+    assert plan_finish({b"x": rec(10, 0, score=pair)}, b"me", 10, lone) == FinishPlan(download=True, wait_for=[])
+    assert plan_finish({b"x": rec(11, 0, score=1.0)}, b"me", 10, pair).download  # (cannot happen at the end)
+    # the other way round: the groupmate stepped alone and will download ours; wait for it
+    plan = plan_finish({b"x": rec(10, 0, score=lone)}, b"me", 10, pair)
+    assert not plan.download and plan.wait_for == [b"x"]
+    # a groupmate still in the last outer step (its inner steps done) may need our state too
+    assert plan_finish({b"x": rec(9, 50, score=pair)}, b"me", 10, pair).wait_for == [b"x"]
+    # nothing to wait for: same group score, peers that left, peers still training or further behind, ourselves
+    quiet = {b"same": rec(10, 0, score=pair), b"left": rec(10, 0, score=1.0, left=True), b"training": rec(9, 20),
+             b"far": rec(7, 50), b"me": rec(10, 0, score=0.5)}
+    assert plan_finish(quiet, b"me", 10, pair) == FinishPlan(download=False, wait_for=[])
+
+
+def test_peers_that_step_alone_at_the_same_outer_step_do_not_tie(two_syncs):
+    """Two peers that both stepped alone hold different anchors: their group scores differ (1 plus a tie-breaker
+    of the peer's id), so the lower one catches up with the other (they used to score 1.0 both and then averaged
+    pseudo-gradients over different anchors for the rest of the run)."""
+    a, b = two_syncs
+    for sync in (a, b):
+        with torch.no_grad():
+            sync.params[0].add_(0.1 if sync is a else -0.1)
+        report = sync.outer_step(weight=1.0, expected_group=1)
+        assert report.group_size == 1 and 1.0 < sync.group_score < 1.5
+    assert a.group_score != b.group_score
+    lower, higher = sorted((a, b), key=lambda s: s.group_score)
+    records = {s.dht.peer_id.to_bytes(): rec(1, 50, score=s.group_score) for s in (a, b)}
+    me = lower.dht.peer_id.to_bytes()
+    assert plan_outer_step(records, me, 1, lower.group_score, now=100.0, min_wait=2, max_wait=9, slack=1).behind
+    me = higher.dht.peer_id.to_bytes()
+    assert not plan_outer_step(records, me, 1, higher.group_score, now=100.0, min_wait=2, max_wait=9, slack=1).behind
+    assert plan_finish(records, lower.dht.peer_id.to_bytes(), 1, lower.group_score).download
+
+
+def test_a_peer_in_its_outer_step_to_ours_is_expected():
+    """A record of the previous outer step with its inner steps done: the peer is in its outer step to ours, or
+    finished it with us and its newer record is not visible yet. It used to be left out, so that with rounds
+    shorter than the records' refresh period a peer stepped alone while its groupmate was a moment behind."""
+    progress = {b"x": rec(2, 50, rate=10.0, t=100.0), b"training": rec(2, 10), b"dead_early": rec(1, 50)}
+    plan = plan_outer_step(progress, b"me", 3, 2.2, now=101.0, min_wait=2.0, max_wait=60.0, slack=1.0)
+    assert plan.expected == 2 and not plan.behind
+    assert plan.deadline == pytest.approx(100.0 + 50 / 10.0 + 1.0)  # a whole round of inner steps after its record
 
 
 def test_progress_records_are_validated():
