@@ -375,6 +375,7 @@ class TrainingPeer:
             return False
         self.optimizer = make_inner_optimizer(self.model, self.cfg.lr, self.cfg.weight_decay)
         self._fresh_inner_optimizer_steps = 0
+        final = final or self.sync.outer_step_count >= self.cfg.outer_steps  # (caught up with the last step)
         left = 0 if final else self._steps_left_in_round(self._fetch())
         self.inner_step = 0 if final else self.cfg.inner_steps - left
         self._caught_up_at = self.sync.outer_step_count
@@ -391,14 +392,18 @@ class TrainingPeer:
     def _finish_together(self) -> None:
         """After the run's last outer step: if a live peer holds a better final state (it averaged a group while
         this peer's side of the all-reduce failed), download it; otherwise keep serving this peer's state while
-        peers that need it catch up, at most ``finish_wait`` seconds (see :func:`protocols.diloco.plan_finish`).
-        So the peers that finish a run together end it with the same model."""
+        peers that need it catch up (one that stepped alone, or one late for the last group), at most
+        ``finish_wait`` seconds (see :func:`protocols.diloco.plan_finish`). So the peers that finish a run together
+        end it with the same model."""
         from protocols.diloco import plan_finish
+
+        from hivemind.utils import get_dht_time
 
         wait = self.sync.config.finish_wait
         me, t0, downloaded, said = self.dht.peer_id.to_bytes(), time.monotonic(), False, False
         while not self._stop.is_set():
-            plan = plan_finish(self._fetch(), me, self.sync.outer_step_count, self.sync.group_score)
+            plan = plan_finish(self._fetch(), me, self.sync.outer_step_count, self.sync.group_score, get_dht_time(),
+                               horizon=wait - (time.monotonic() - t0))
             if plan.download and not downloaded:
                 downloaded = True
                 if self._adopt_swarm_state("caught up", final=True):

@@ -430,26 +430,31 @@ class FinishPlan:
     :param download: a live peer holds a better final state (same outer step, larger group score, or a later
       step): download it, so that the peers finishing together end with the same model
     :param wait_for: live peers that may still need this peer's state: peers at the same outer step with a lower
-      group score (they will download), and peers still in their previous outer step (inner steps done: their
-      all-reduce may have failed on their side only); empty when there is nothing to wait for
+      group score (they will download it), and peers still in the previous outer step that are predicted to finish
+      their inner steps within the horizon (they will find themselves behind and download it); empty when there is
+      nothing to wait for
     """
 
     download: bool
     wait_for: List[bytes]
 
 
-def plan_finish(progress: Dict[bytes, ProgressRecord], me: bytes, outer_step: int, group_score: float) -> FinishPlan:
+def plan_finish(progress: Dict[bytes, ProgressRecord], me: bytes, outer_step: int, group_score: float,
+                now: float, horizon: float) -> FinishPlan:
     """Plan the end of a run for a peer at its last outer step ``outer_step`` (a pure function).
 
-    An all-reduce can fail on one side only (a stream that breaks under load after one peer has all its parts):
-    one peer then steps alone while its groupmate applied the average. In the middle of a run the lone peer
-    catches up at the next outer step (:func:`plan_outer_step`); after the last outer step there is no next
-    one, so the lone peer downloads the better state now and the others wait for it (bounded by the caller).
+    In the middle of a run a peer that falls out of the main group (its side of an all-reduce failed, or it was
+    late for the group) catches up at its next outer step by downloading the main group's state
+    (:func:`plan_outer_step`). After the last outer step there is no next one, and the others may already be gone:
+    so the lagging peer downloads the better state now, and the others wait for it (the caller bounds the wait).
 
     :param progress: live records by peer id bytes (this peer's own, and records of peers that left, are ignored)
     :param me: this peer's id bytes
     :param outer_step: this peer's outer step number (the run's last)
     :param group_score: this peer's last group score (see :class:`ProgressRecord`)
+    :param now: DHT time, seconds
+    :param horizon: seconds this peer can still wait: a peer in the previous outer step predicted to finish its
+      inner steps later than ``now + horizon`` is not waited for
     """
     download, wait_for = False, []
     for peer, record in progress.items():
@@ -460,9 +465,12 @@ def plan_finish(progress: Dict[bytes, ProgressRecord], me: bytes, outer_step: in
             download = True
         elif same and record.group_score < group_score - 1e-9:
             wait_for.append(peer)
-        elif record.outer_step == outer_step - 1 and record.target_inner_steps and \
-                record.inner_step >= record.target_inner_steps:
-            wait_for.append(peer)
+        elif record.outer_step == outer_step - 1 and record.target_inner_steps:
+            remaining = max(0, record.target_inner_steps - record.inner_step)
+            if remaining == 0:
+                wait_for.append(peer)  # in its outer step (its all-reduce may have failed on its side only)
+            elif record.steps_per_s > 0 and record.time + remaining / record.steps_per_s <= now + horizon:
+                wait_for.append(peer)  # late for the last group: it will download our state
     return FinishPlan(download=download, wait_for=[] if download else wait_for)
 
 

@@ -79,30 +79,58 @@ def test_a_restarted_peer_resumes_from_its_checkpoint_exactly(tiny_model, swarm_
     assert (tmp_path / "straight" / "loss.png").stat().st_size > 1000
 
 
+def _two_peers_in_threads(model, tmp_path, monkeypatch, run_id, outer_steps, setup_a, setup_b):
+    """Train two peers ``a`` and ``b`` in threads of this process until both finish (``setup_a(a)`` and
+    ``setup_b(b)`` run once each peer's network is up, before it trains); returns ``(a, b)``."""
+    import threading
+
+    from peer.trainer import TrainingPeer
+
+    # hivemind's averager sets SIGINT's handler when it starts, which only the main thread may do
+    set_handler = signal.signal
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: set_handler(signum, handler)
+                        if threading.current_thread() is threading.main_thread() else signal.getsignal(signum))
+    configs = [_config(model, tmp_path / name, run_id=run_id, outer_steps=outer_steps, eval_sequences=2,
+                       batch_size=2, min_wait=2.0, shard=i, num_shards=2) for i, name in enumerate(("a", "b"))]
+    a = TrainingPeer(configs[0])
+    a_up, b_up = threading.Event(), threading.Event()
+
+    def a_ready(maddrs):
+        setup_a(a)
+        configs[1].initial_peers = list(maddrs)
+        a_up.set()
+        assert b_up.wait(60), "peer b did not start"  # a starts training with b (a run of 3 outer steps is short)
+
+    a.on_ready = a_ready
+    results = {}
+    threads = [threading.Thread(target=lambda: results.__setitem__("a", a.run()), daemon=True)]
+    threads[0].start()
+    assert a_up.wait(60), "peer a did not start"
+    b = TrainingPeer(configs[1])
+    b.on_ready = lambda maddrs: (setup_b(b), b_up.set())
+    threads.append(threading.Thread(target=lambda: results.__setitem__("b", b.run()), daemon=True))
+    threads[1].start()
+    for t in threads:
+        t.join(timeout=180)
+    assert results.get("a", {}).get("finished") and results.get("b", {}).get("finished"), results
+    return a, b
+
+
+def _same_model(a, b):
+    for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb), f"{name} differs between the peers at the end of the run"
+    assert a.sync.group_score == b.sync.group_score
+
+
 def test_a_peer_whose_last_all_reduce_failed_on_its_side_ends_with_the_swarms_model(tiny_model, swarm_home, tmp_path,
                                                                                     monkeypatch):
     """An all-reduce can break on one side only (under load a stream times out after the other peer has all its
     parts): that peer steps alone while its groupmate applies the average. In the middle of a run it catches up at
     the next outer step; at the last outer step the two used to finish with different models."""
-    import threading
-
-    from peer.trainer import TrainingPeer
-
-    # both peers run in threads of this process: hivemind's averager sets SIGINT's handler when it starts, which
-    # only the main thread may do
-    set_handler = signal.signal
-    monkeypatch.setattr(signal, "signal", lambda signum, handler: set_handler(signum, handler)
-                        if threading.current_thread() is threading.main_thread() else signal.getsignal(signum))
-
     outer_steps = 3
-    configs = [_config(tiny_model, tmp_path / name, run_id="finish_together", outer_steps=outer_steps,
-                       eval_sequences=2, batch_size=2, min_wait=2.0, shard=i, num_shards=2)
-               for i, name in enumerate(("a", "b"))]
-    a = TrainingPeer(configs[0])
-    up, b_up = threading.Event(), threading.Event()
 
-    def break_last_all_reduce_on_a(maddrs):
-        sync = a.sync
+    def break_last_all_reduce(peer):
+        sync = peer.sync
         step = sync.averager.step
 
         def failing_step(*args, **kwargs):
@@ -112,31 +140,47 @@ def test_a_peer_whose_last_all_reduce_failed_on_its_side_ends_with_the_swarms_mo
             return gathered
 
         sync.averager.step = failing_step
-        configs[1].initial_peers = list(maddrs)
-        up.set()
-        assert b_up.wait(60), "peer b did not start"  # a starts training with b (a run of 3 outer steps is short)
 
-    a.on_ready = break_last_all_reduce_on_a
-    results = {}
-    threads = [threading.Thread(target=lambda: results.__setitem__("a", a.run()), daemon=True)]
-    threads[0].start()
-    assert up.wait(60), "peer a did not start"
-    b = TrainingPeer(configs[1])
-    b.on_ready = lambda maddrs: b_up.set()
-    threads.append(threading.Thread(target=lambda: results.__setitem__("b", b.run()), daemon=True))
-    threads[1].start()
-    for t in threads:
-        t.join(timeout=180)
-    assert results.get("a", {}).get("finished") and results.get("b", {}).get("finished"), results
-
+    a, b = _two_peers_in_threads(tiny_model, tmp_path, monkeypatch, "finish_together", outer_steps,
+                                 break_last_all_reduce, lambda peer: None)
     last_a, last_b = (_outer_events(tmp_path / name)[-1] for name in ("a", "b"))
     assert last_b["outer_step"] == outer_steps and last_b["group_size"] == 2, last_b
     assert last_a["group_size"] == 1 and "failed during the all-reduce" in last_a["note"], last_a
     catch_up = [e for e in read_metrics(tmp_path / "a") if e.get("kind") == "join" and e["time"] > last_a["time"]]
     assert catch_up and catch_up[0]["reason"] == "caught up" and catch_up[0]["outer_step"] == outer_steps
-    for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
-        assert torch.equal(pa, pb), f"{name} differs between the peers at the end of the run"
-    assert a.sync.group_score == b.sync.group_score
+    _same_model(a, b)
+
+
+def test_a_peer_late_for_the_last_outer_step_ends_with_the_swarms_model(tiny_model, swarm_home, tmp_path,
+                                                                        monkeypatch):
+    """A peer still in its inner steps when the others' last group formed (a slow or paused machine) finds itself
+    behind, as in any round, and downloads their state. After the last outer step the others used to leave at once,
+    so its download failed and it ended the run alone with its own model."""
+    import functools
+
+    import protocols.diloco as diloco
+
+    # no extra waits for the late peer in the outer step itself: the others step without it at once
+    monkeypatch.setattr(diloco, "DiLoCoConfig", functools.partial(diloco.DiLoCoConfig, slack=1.0, lonely_retries=0))
+    outer_steps, pause = 3, 12.0
+
+    def pause_before_the_last_inner_step(peer):
+        inner_step = peer._inner_step
+
+        def slow_inner_step():
+            if peer.sync.outer_step_count == outer_steps - 1 and peer.inner_step == peer.cfg.inner_steps - 1:
+                time.sleep(pause)
+            return inner_step()
+
+        peer._inner_step = slow_inner_step
+
+    a, b = _two_peers_in_threads(tiny_model, tmp_path, monkeypatch, "finish_late", outer_steps,
+                                 lambda peer: None, pause_before_the_last_inner_step)
+    last_a = _outer_events(tmp_path / "a")[-1]
+    assert last_a["outer_step"] == outer_steps and last_a["group_size"] == 1, last_a  # b was late
+    joins_b = [e for e in read_metrics(tmp_path / "b") if e.get("kind") == "join"]
+    assert joins_b and joins_b[-1]["reason"] == "caught up" and joins_b[-1]["outer_step"] == outer_steps, joins_b
+    _same_model(a, b)
 
 
 def _start(procs, model, run_dir, boot, shard, extra=()):

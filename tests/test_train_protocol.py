@@ -46,18 +46,26 @@ def test_the_last_outer_step_is_settled_before_peers_leave():
     """After the run's last outer step (10 here) a peer downloads a better final state if a live peer holds one,
     and otherwise waits for the peers that may still need its state."""
     lone, pair = 1.3, 2.2
+
+    def plan(progress, score, horizon=30.0):
+        return plan_finish(progress, b"me", 10, score, now=100.0, horizon=horizon)
+
     # our side of the last all-reduce failed (we stepped alone); the groupmate applied the average: download
-    assert plan_finish({b"x": rec(10, 0, score=pair)}, b"me", 10, lone) == FinishPlan(download=True, wait_for=[])
-    assert plan_finish({b"x": rec(11, 0, score=1.0)}, b"me", 10, pair).download  # (cannot happen at the end)
+    assert plan({b"x": rec(10, 0, score=pair)}, lone) == FinishPlan(download=True, wait_for=[])
+    assert plan({b"x": rec(11, 0, score=1.0)}, pair).download  # (cannot happen at the end)
     # the other way round: the groupmate stepped alone and will download ours; wait for it
-    plan = plan_finish({b"x": rec(10, 0, score=lone)}, b"me", 10, pair)
-    assert not plan.download and plan.wait_for == [b"x"]
+    assert plan({b"x": rec(10, 0, score=lone)}, pair) == FinishPlan(download=False, wait_for=[b"x"])
     # a groupmate still in the last outer step (its inner steps done) may need our state too
-    assert plan_finish({b"x": rec(9, 50, score=pair)}, b"me", 10, pair).wait_for == [b"x"]
-    # nothing to wait for: same group score, peers that left, peers still training or further behind, ourselves
-    quiet = {b"same": rec(10, 0, score=pair), b"left": rec(10, 0, score=1.0, left=True), b"training": rec(9, 20),
-             b"far": rec(7, 50), b"me": rec(10, 0, score=0.5)}
-    assert plan_finish(quiet, b"me", 10, pair) == FinishPlan(download=False, wait_for=[])
+    assert plan({b"x": rec(9, 50, score=pair)}, pair).wait_for == [b"x"]
+    # a peer late for the last group (still in its inner steps) will find itself behind: wait if it is predicted
+    # to finish its inner steps within the horizon (30 steps left at 10 steps/s from t=100: at t=103)
+    assert plan({b"late": rec(9, 20, rate=10.0, t=100.0)}, pair).wait_for == [b"late"]
+    assert plan({b"late": rec(9, 20, rate=10.0, t=100.0)}, pair, horizon=2.0).wait_for == []
+    assert plan({b"stalled": rec(9, 20, rate=0.0)}, pair).wait_for == []
+    # nothing to wait for: same group score, peers that left, peers further behind, ourselves
+    quiet = {b"same": rec(10, 0, score=pair), b"left": rec(10, 0, score=1.0, left=True), b"far": rec(7, 50),
+             b"me": rec(10, 0, score=0.5)}
+    assert plan(quiet, pair) == FinishPlan(download=False, wait_for=[])
 
 
 def test_peers_that_step_alone_at_the_same_outer_step_do_not_tie(two_syncs):
@@ -77,7 +85,7 @@ def test_peers_that_step_alone_at_the_same_outer_step_do_not_tie(two_syncs):
     assert plan_outer_step(records, me, 1, lower.group_score, now=100.0, min_wait=2, max_wait=9, slack=1).behind
     me = higher.dht.peer_id.to_bytes()
     assert not plan_outer_step(records, me, 1, higher.group_score, now=100.0, min_wait=2, max_wait=9, slack=1).behind
-    assert plan_finish(records, lower.dht.peer_id.to_bytes(), 1, lower.group_score).download
+    assert plan_finish(records, lower.dht.peer_id.to_bytes(), 1, lower.group_score, now=100.0, horizon=30.0).download
 
 
 def test_a_peer_in_its_outer_step_to_ours_is_expected():
