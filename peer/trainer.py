@@ -222,7 +222,11 @@ class TrainConfig:
 
 
 class TrainingPeer:
-    """One DiLoCo training peer (see the module docstring). Call :meth:`run`; :meth:`stop` asks it to leave."""
+    """One DiLoCo training peer (see the module docstring). Call :meth:`run`; :meth:`stop` asks it to leave.
+
+    :raises ValueError: ``seq_len`` over the model's ``max_position_embeddings``, a shard with less than one batch
+    :raises OSError: a model or corpus that cannot be read
+    """
 
     def __init__(self, cfg: TrainConfig):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -234,6 +238,10 @@ class TrainingPeer:
         torch.manual_seed(cfg.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         self.model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and cfg.seq_len > limit:
+            raise ValueError(f"--seq-len {cfg.seq_len} is over the model's limit of {limit} tokens "
+                             "(max_position_embeddings)")
         self.model.train()
         cache_dir = Path(os.environ.get("SWARM_HOME") or Path.home() / ".cache" / "llm-swarm") / "tokens"
         self.train_tokens, self.val_tokens = tokenize_corpus(self.tokenizer, cfg.corpus, cache_dir)

@@ -283,6 +283,50 @@ def test_train_cli_requires_a_swarm_choice(tiny_model, tmp_path, capsys):
     assert "--new-swarm" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--inner-steps", "0"], "--inner-steps: must be at least 1, got 0"),
+    (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+    (["--seq-len", "0"], "--seq-len: must be at least 1, got 0"),
+    (["--log-every", "0"], "--log-every: must be at least 1, got 0"),
+    (["--outer-steps", "-3"], "--outer-steps: must be at least 1, got -3"),
+    (["--num-threads", "0"], "--num-threads: must be at least 1, got 0"),
+    (["--warmup", "-1"], "--warmup: must be at least 0, got -1"),
+    (["--min-wait", "10", "--max-wait", "1"], "error: --min-wait 10 is above --max-wait 1"),
+    (["--model", "/nonexistent/model"], "error: --model /nonexistent/model: no such model directory"),
+    (["--seq-len", "100000"], "error: --seq-len 100000 is over the model's limit of 256 tokens"),
+])
+def test_bad_train_arguments_are_one_line_errors(tiny_model, tmp_path, capsys, args, message):
+    """Each of these was a traceback (ZeroDivisionError, a reshape error), a run that 'finished' after 0 outer steps,
+    a misleading hub-id error, or (--seq-len over the model's limit) an inner step that grew until the machine ran
+    out of memory."""
+    from swarm.cli import main
+
+    argv = ["train", "--model", tiny_model, "--new-swarm", "--run-dir", str(tmp_path / "x"), *args]
+    if args[0] == "--model":
+        argv = argv[:1] + argv[3:]
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
+def test_an_address_the_daemon_refuses_is_a_one_line_error(tiny_model, swarm_home, tmp_path):
+    """A malformed --host-maddrs (or an unreachable --initial-peers) was a 32-line P2PDaemonError traceback."""
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "swarm.cli", "train", "--model", tiny_model, "--new-swarm", "--host-maddrs", "garbage",
+         "--run-dir", str(tmp_path / "x"), "--inner-steps", "2", "--outer-steps", "1", "--no-save-model"],
+        capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: the libp2p daemon refused the addresses given (garbage)" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
 def test_ctrl_c_stops_a_training_peer(tiny_model, swarm_home, tmp_path):
     """SIGINT (Ctrl-C) makes a training peer leave after its current inner step: starting hivemind's averager
     process once left SIGINT ignored, so Ctrl-C did nothing; it then exited 1 as if training had failed; and with
