@@ -221,6 +221,10 @@ class TrainConfig:
     progress_period: float = 2.0
 
 
+class RunMismatchError(RuntimeError):
+    """The run this peer was asked to join trains another model."""
+
+
 class TrainingPeer:
     """One DiLoCo training peer (see the module docstring). Call :meth:`run`; :meth:`stop` asks it to leave.
 
@@ -238,6 +242,9 @@ class TrainingPeer:
         torch.manual_seed(cfg.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         self.model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+        from protocols.diloco import model_fingerprint
+
+        self.model_id = model_fingerprint([(n, p.shape) for n, p in self.model.named_parameters()])
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is not None and cfg.seq_len > limit:
             raise ValueError(f"--seq-len {cfg.seq_len} is over the model's limit of {limit} tokens "
@@ -302,7 +309,8 @@ class TrainingPeer:
 
         return ProgressRecord(outer_step=self.sync.outer_step_count, inner_step=self.inner_step,
                               steps_per_s=0.0 if left else self._rate, group_score=self.sync.group_score,
-                              target_inner_steps=0 if left else self.cfg.inner_steps, left=left)
+                              target_inner_steps=0 if left else self.cfg.inner_steps, left=left,
+                              model=self.model_id)
 
     def _publish(self, left: bool = False) -> None:
         from protocols.diloco import publish_progress
@@ -315,7 +323,20 @@ class TrainingPeer:
 
         with self._dht_lock:
             progress = fetch_progress(self.dht, self.cfg.run_id)
-        return {k: v for k, v in progress.items() if not v.left}
+        return {k: v for k, v in progress.items() if not v.left and v.model in ("", self.model_id)}
+
+    def _check_run_model(self) -> None:
+        """:raises RunMismatchError: if a live peer of the run trains another model (other parameter names or
+        shapes): their pseudo-gradients cannot be averaged, and its state cannot be downloaded"""
+        from protocols.diloco import fetch_progress
+
+        with self._dht_lock:
+            progress = fetch_progress(self.dht, self.cfg.run_id)
+        others = {r.model for r in progress.values() if not r.left and r.model not in ("", self.model_id)}
+        if others:
+            raise RunMismatchError(
+                f"run {self.cfg.run_id!r} trains another model (fingerprint {', '.join(sorted(others))}; "
+                f"{self.cfg.model} is {self.model_id}): pass the --model its peers use, or another --run-id")
 
     def _publisher(self) -> None:
         while not self._stop.wait(self.cfg.progress_period):
@@ -465,6 +486,7 @@ class TrainingPeer:
         publisher = None
         try:
             self._start_network()
+            self._check_run_model()
             resumed = cfg.resume and self.load_checkpoint()
             progress = self._fetch()
             logger.info("peer %s: %d live peers in run %r", self.peer_name, len(progress), cfg.run_id)
@@ -568,6 +590,8 @@ class TrainingPeer:
                     plan.expected, val, report.bytes_sent / 1e6, report.bytes_received / 1e6, report.wait_seconds,
                     f" | {report.error or report.note}" if report.error or report.note else "")
         self.save_checkpoint()
+        if report.stale_anchor:  # averaged with the main group over another anchor: take the main group's state
+            self._adopt_swarm_state("caught up")
         return True
 
     def _finish(self, finished: bool, stopped: bool = False) -> Dict[str, Any]:

@@ -295,6 +295,7 @@ class ProgressRecord:
     :param target_inner_steps: how many inner steps this peer runs before its next outer step (H)
     :param time: DHT time (seconds) when the record was made
     :param left: the peer left the run (a graceful leave: nobody should wait for it)
+    :param model: the fingerprint of the model the peer trains (:func:`model_fingerprint`; empty: not given)
     """
 
     outer_step: int
@@ -305,6 +306,7 @@ class ProgressRecord:
     time: float = 0.0
     left: bool = False
     version: int = PROTOCOL_VERSION
+    model: str = ""
 
     def to_wire(self) -> Dict[str, Any]:
         return asdict(self)
@@ -321,6 +323,7 @@ class ProgressRecord:
                 steps_per_s=float(value["steps_per_s"]), group_score=float(value.get("group_score", 0.0)),
                 target_inner_steps=int(value.get("target_inner_steps", 0)), time=float(value.get("time", 0.0)),
                 left=bool(value.get("left", False)), version=int(value.get("version", 0)),
+                model=value.get("model", ""),
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -330,7 +333,20 @@ class ProgressRecord:
             return None
         if not math.isfinite(record.group_score) or not math.isfinite(record.time):
             return None
+        if not isinstance(record.model, str) or len(record.model) > 64:
+            return None
         return record
+
+
+def model_fingerprint(named_shapes: Sequence[Tuple[str, Sequence[int]]]) -> str:
+    """A short fingerprint of a model's parameters (names and shapes, in order): peers of one run must train the
+    same model, since their pseudo-gradients are averaged tensor by tensor.
+
+    :param named_shapes: ``(name, shape)`` per parameter, e.g. from ``model.named_parameters()``
+    :returns: 16 hex digits
+    """
+    text = ";".join(f"{name}:{'x'.join(str(int(d)) for d in shape)}" for name, shape in named_shapes)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def progress_key(run_id: str) -> str:
@@ -533,6 +549,9 @@ class OuterStepReport:
     :param retries: rounds redone because a groupmate vanished mid-all-reduce
     :param note: e.g. that nobody else joined by the deadline, or that the groupmates failed mid-all-reduce and
       none was left to redo the round with, so this peer stepped alone (a recovered round, not an error)
+    :param stale_anchor: a groupmate came to this step with a higher group score than this peer's: its anchor is
+      the main group's and ours is not (this peer stepped alone before, and the others' records were not visible
+      when it planned the step), so the same averaged update left the anchors apart: download that state now
     """
 
     outer_step: int
@@ -547,6 +566,7 @@ class OuterStepReport:
     peers: List[str] = field(default_factory=list)
     retries: int = 0
     note: str = ""
+    stale_anchor: bool = False
 
 
 class DiLoCoSync:
@@ -676,6 +696,7 @@ class DiLoCoSync:
             for buf, a, p in zip(buffers, self.anchor, self.params):
                 torch.sub(a, p.detach().float(), out=buf)
         group_size, weight_total, peers, error, retries = 1, float(weight), [], "", 0
+        stale_anchor = False
         t_wait = time.perf_counter()
         # a lone step scores 1 plus a tie-breaker of its own id: two peers that both stepped alone at this outer
         # step hold different anchors, and the lower one must catch up with the other instead of averaging with
@@ -693,7 +714,8 @@ class DiLoCoSync:
                 try:
                     self.averager.set_round(round_group_bits(self.outer_step_count, attempt), expected_group)
                     gathered = self.averager.step(
-                        gather=dict(outer_step=self.outer_step_count, weight=float(weight)), weight=float(weight),
+                        gather=dict(outer_step=self.outer_step_count, weight=float(weight), score=self.group_score),
+                        weight=float(weight),
                         scheduled_time=deadline, timeout=max(deadline - get_dht_time(), 0) + cfg.min_matchmaking_time + 5,
                         allow_retries=True,
                     )
@@ -745,6 +767,11 @@ class DiLoCoSync:
                 if steps != {self.outer_step_count}:  # cannot happen: the group key carries the step number
                     error = f"groupmates at outer steps {sorted(map(str, steps))}"
                 new_score = group_size + group_tiebreak([pid.to_bytes() for pid in gathered])
+                scores = [float(g.get("score", 0.0)) for g in gathered.values() if isinstance(g, dict)]
+                if scores and max(scores) > self.group_score + 1e-9:
+                    # our anchor is not the main group's: keep our lower score (so that a download picks a peer
+                    # that holds the main group's anchor) and let the caller download that state
+                    stale_anchor, new_score = True, self.group_score
             else:
                 if not note and (not error or "could not find a group" in error):
                     note, error = "nobody else joined by the deadline: stepped alone", ""
@@ -770,7 +797,7 @@ class DiLoCoSync:
             bytes_sent=after["allreduce_sent"] - before["allreduce_sent"],
             bytes_received=after["allreduce_received"] - before["allreduce_received"],
             seconds=time.perf_counter() - t0, wait_seconds=wait_s, pseudo_grad_norm=math.sqrt(norm), error=error,
-            peers=peers, retries=retries, note=note,
+            peers=peers, retries=retries, note=note, stale_anchor=stale_anchor,
         )
 
     def shutdown(self) -> None:

@@ -20,7 +20,7 @@ def cmd_train(args) -> int:
 
     from hivemind.p2p.p2p_daemon_bindings.control import P2PDaemonError
 
-    from peer.trainer import DEFAULT_CORPUS, TrainConfig, TrainingPeer, install_signal_handlers
+    from peer.trainer import DEFAULT_CORPUS, RunMismatchError, TrainConfig, TrainingPeer, install_signal_handlers
     from protocols.transport import start_reaper
     from swarm.cli import _refused_addresses
 
@@ -62,6 +62,9 @@ def cmd_train(args) -> int:
         summary = peer.run()
     except P2PDaemonError as e:  # a malformed or unreachable --initial-peers / --host-maddrs address
         return _refused_addresses(args, e)
+    except RunMismatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print("TRAIN_DONE " + json.dumps(summary), flush=True)
     # a peer asked to leave (SIGTERM, Ctrl-C) that left cleanly exits 0 as well; 1 means training gave up
     return 0 if summary.get("finished") or summary.get("stopped") or cfg.stop_after else 1

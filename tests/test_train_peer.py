@@ -327,6 +327,35 @@ def test_an_address_the_daemon_refuses_is_a_one_line_error(tiny_model, swarm_hom
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
+def test_joining_a_run_of_another_model_is_a_one_line_error(tiny_model, swarm_home, tmp_path):
+    """A peer given another model than the run's (here one more layer) downloaded the run's state again and again
+    (a state of the wrong shape, 1.6 GB in 30 s on a 32k-vocabulary model), then trained alone and said it had
+    finished. Progress records carry a fingerprint of the model; a peer of another model is refused at once."""
+    import subprocess
+
+    from swarm.default_model import build_model
+
+    other = str(tmp_path / "other")
+    build_model(other, num_hidden_layers=3, hidden_size=64, intermediate_size=172, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=259, max_position_embeddings=256)
+    with Processes() as procs:
+        boot = start_bootstrap(procs, tmp_path / "boot.log")
+        a = _start(procs, tiny_model, tmp_path / "a", boot, 0, extra=("--outer-steps", "1000"))  # (runs throughout)
+        deadline = time.time() + 60
+        while not [e for e in read_metrics(tmp_path / "a") if e.get("kind") == "inner"] and time.time() < deadline:
+            assert a.poll() is None, (tmp_path / "a" / "peer.log").read_text()[-2000:]
+            time.sleep(0.3)
+        proc = subprocess.run(
+            [sys.executable, "-m", "swarm.cli", "train", "--model", other, "--run-dir", str(tmp_path / "b"),
+             "--run-id", "join_leave", "--initial-peers", *boot, "--inner-steps", "40", "--no-save-model"],
+            capture_output=True, text=True, timeout=120,
+            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+        assert a.poll() is None, "the run's peer stopped"
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: run 'join_leave' trains another model" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "incomplete downloaded state" not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_ctrl_c_stops_a_training_peer(tiny_model, swarm_home, tmp_path):
     """SIGINT (Ctrl-C) makes a training peer leave after its current inner step: starting hivemind's averager
     process once left SIGINT ignored, so Ctrl-C did nothing; it then exited 1 as if training had failed; and with

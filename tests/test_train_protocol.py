@@ -261,6 +261,39 @@ def test_a_groupmate_dying_mid_all_reduce_with_no_one_left_is_a_recovered_round_
         assert torch.allclose(a, a0 - lr * (1 + mu) * 0.1, atol=1e-6)
 
 
+class _MixedAnchorAverager(_FlakyGroupAverager):
+    """A group of two that forms cleanly, whose other member came with group score ``score`` (see gather)."""
+
+    def __init__(self, tensors, score):
+        super().__init__(tensors, [2], failed=0)
+        self.score = score
+
+    def step(self, gather=None, **kwargs):
+        from hivemind.p2p import PeerID
+
+        return {PeerID(bytes([18, 32]) + bytes([1]) * 32): dict(gather),
+                PeerID(bytes([18, 32]) + bytes([2]) * 32): dict(gather, score=self.score)}
+
+
+@pytest.mark.parametrize("theirs,stale", [(2.3, True), (1.2, False)])
+def test_a_groupmate_with_a_higher_score_means_our_anchor_is_stale(monkeypatch, theirs, stale):
+    """A peer that stepped alone (score 1.2) planned its next step before the main group's records were visible,
+    so it averaged with the main group over another anchor, and both kept averaging from then on (the live
+    join/leave test ended with two different models). The group score each member brings is gathered; a lower
+    one says our anchor is stale: the step reports it and keeps our lower score, so the download that follows
+    picks the main group's state."""
+    import protocols.diloco as diloco
+
+    monkeypatch.setattr(diloco, "SyncAverager", lambda tensors, dht, **kw: _MixedAnchorAverager(tensors, theirs))
+    params = [torch.nn.Parameter(torch.randn(16, 4))]
+    sync = DiLoCoSync(params, dht=None, run_id="mixed", config=DiLoCoConfig(compression="none", min_wait=0.1,
+                                                                            slack=0.1))
+    sync.group_score = 1.2
+    report = sync.outer_step(weight=1.0, expected_group=2)
+    assert report.group_size == 2 and not report.error and report.stale_anchor is stale, report
+    assert sync.group_score == 1.2 if stale else sync.group_score > 2.0
+
+
 def test_groupmates_failing_in_every_attempt_step_alone_with_own_pseudo_gradient(monkeypatch):
     """A round that loses a groupmate in each of its three attempts must not report the last (un-averaged)
     group as a success: it steps alone with its own pseudo-gradient and reports an error."""
