@@ -81,18 +81,10 @@ def _shard(text: str):
 
 
 def register(subparsers) -> None:
-    from swarm.cli import _number, _positive_int
-
-    def _count(text: str) -> int:  # a whole number >= 0
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-        return value
-
     """Add the ``train`` subcommand to the ``swarm`` CLI."""
+    from swarm.cli import _number, _positive_int, _whole_number
+
+    _count = _whole_number(0)
     p = subparsers.add_parser("train", help="run a DiLoCo training peer (low-communication data-parallel training)")
     p.add_argument("--model", default=None, help="Hugging Face checkpoint directory to start from "
                    "(default: the embedded model); every peer of a run must use the same one")
