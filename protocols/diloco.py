@@ -569,6 +569,15 @@ class OuterStepReport:
     stale_anchor: bool = False
 
 
+def _gathered_number(data: Any, key: str) -> Optional[float]:
+    """A finite number ``data[key]`` from a groupmate's gathered data (not trusted), or None."""
+    try:
+        value = float(data[key])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
 class DiLoCoSync:
     """One peer's side of DiLoCo: the anchor, the outer optimizer and the averager.
 
@@ -761,13 +770,13 @@ class DiLoCoSync:
                 error = ""
                 group_size = len(gathered)
                 peers = [pid.to_base58() for pid in gathered]
-                weights = [float(g.get("weight", 0.0)) for g in gathered.values() if isinstance(g, dict)]
+                weights = [w for w in (_gathered_number(g, "weight") for g in gathered.values()) if w is not None]
                 weight_total = sum(weights) if len(weights) == group_size else weight_total
                 steps = {g.get("outer_step") for g in gathered.values() if isinstance(g, dict)}
                 if steps != {self.outer_step_count}:  # cannot happen: the group key carries the step number
                     error = f"groupmates at outer steps {sorted(map(str, steps))}"
                 new_score = group_size + group_tiebreak([pid.to_bytes() for pid in gathered])
-                scores = [float(g.get("score", 0.0)) for g in gathered.values() if isinstance(g, dict)]
+                scores = [x for x in (_gathered_number(g, "score") for g in gathered.values()) if x is not None]
                 if scores and max(scores) > self.group_score + 1e-9:
                     # our anchor is not the main group's: keep our lower score (so that a download picks a peer
                     # that holds the main group's anchor) and let the caller download that state

@@ -275,7 +275,8 @@ class _MixedAnchorAverager(_FlakyGroupAverager):
                 PeerID(bytes([18, 32]) + bytes([2]) * 32): dict(gather, score=self.score)}
 
 
-@pytest.mark.parametrize("theirs,stale", [(2.3, True), (1.2, False)])
+@pytest.mark.parametrize("theirs,stale", [(2.3, True), (1.2, False), ("2.3x", False), (float("nan"), False),
+                                          (None, False)])
 def test_a_groupmate_with_a_higher_score_means_our_anchor_is_stale(monkeypatch, theirs, stale):
     """A peer that stepped alone (score 1.2) planned its next step before the main group's records were visible,
     so it averaged with the main group over another anchor, and both kept averaging from then on (the live
@@ -289,7 +290,7 @@ def test_a_groupmate_with_a_higher_score_means_our_anchor_is_stale(monkeypatch, 
     sync = DiLoCoSync(params, dht=None, run_id="mixed", config=DiLoCoConfig(compression="none", min_wait=0.1,
                                                                             slack=0.1))
     sync.group_score = 1.2
-    report = sync.outer_step(weight=1.0, expected_group=2)
+    report = sync.outer_step(weight=1.0, expected_group=2)  # (a malformed score from a groupmate is ignored)
     assert report.group_size == 2 and not report.error and report.stale_anchor is stale, report
     assert sync.group_score == 1.2 if stale else sync.group_score > 2.0
 
