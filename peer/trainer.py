@@ -424,9 +424,9 @@ class TrainingPeer:
         peers that need it catch up (one that stepped alone, or one late for the last group), at most
         ``finish_wait`` seconds (see :func:`protocols.diloco.plan_finish`). So the peers that finish a run together
         end it with the same model."""
-        from protocols.diloco import plan_finish
-
         from hivemind.utils import get_dht_time
+
+        from protocols.diloco import plan_finish
 
         wait = self.sync.config.finish_wait
         me, t0, downloaded, said = self.dht.peer_id.to_bytes(), time.monotonic(), False, False
@@ -481,7 +481,12 @@ class TrainingPeer:
         return loss.item()
 
     def run(self) -> Dict[str, Any]:
-        """Train until ``outer_steps`` outer steps are done (or :meth:`stop`); returns a summary dict."""
+        """Train until ``outer_steps`` outer steps are done (or :meth:`stop`); returns a summary dict.
+
+        :raises RunMismatchError: if the run's live peers train another model
+        :raises hivemind.p2p.P2PDaemonError: if the libp2p daemon refuses ``host_maddrs`` or cannot reach
+            ``initial_peers``
+        """
         cfg = self.cfg
         publisher = None
         try:
