@@ -318,25 +318,23 @@ class TrainingPeer:
         with self._dht_lock:
             publish_progress(self.dht, self.cfg.run_id, self._record(left), ttl=self.sync.config.progress_ttl)
 
-    def _fetch(self):
+    def _fetch(self, check_model: bool = False):
+        """The live records of the run's peers that train this peer's model, by peer id bytes.
+
+        :raises RunMismatchError: with ``check_model``, if a live peer of the run trains another model (other
+            parameter names or shapes): their pseudo-gradients cannot be averaged, and its state cannot be
+            downloaded
+        """
         from protocols.diloco import fetch_progress
 
         with self._dht_lock:
-            progress = fetch_progress(self.dht, self.cfg.run_id)
-        return {k: v for k, v in progress.items() if not v.left and v.model in ("", self.model_id)}
-
-    def _check_run_model(self) -> None:
-        """:raises RunMismatchError: if a live peer of the run trains another model (other parameter names or
-        shapes): their pseudo-gradients cannot be averaged, and its state cannot be downloaded"""
-        from protocols.diloco import fetch_progress
-
-        with self._dht_lock:
-            progress = fetch_progress(self.dht, self.cfg.run_id)
-        others = {r.model for r in progress.values() if not r.left and r.model not in ("", self.model_id)}
-        if others:
+            progress = {k: v for k, v in fetch_progress(self.dht, self.cfg.run_id).items() if not v.left}
+        others = {r.model for r in progress.values() if r.model not in ("", self.model_id)}
+        if check_model and others:
             raise RunMismatchError(
                 f"run {self.cfg.run_id!r} trains another model (fingerprint {', '.join(sorted(others))}; "
                 f"{self.cfg.model} is {self.model_id}): pass the --model its peers use, or another --run-id")
+        return {k: v for k, v in progress.items() if v.model not in others}
 
     def _publisher(self) -> None:
         while not self._stop.wait(self.cfg.progress_period):
@@ -390,9 +388,9 @@ class TrainingPeer:
             done = max(done, min(H, int(est)))
         return max(1, H - done)
 
-    def _adopt_swarm_state(self, reason: str, final: bool = False) -> bool:
-        """Download the main group's state; align ``inner_step`` with its round (``final``: the run's last
-        outer step is done, there is no next round). False if none was served."""
+    def _adopt_swarm_state(self, reason: str) -> bool:
+        """Download the main group's state; align ``inner_step`` with its round (none once the downloaded state
+        has the run's last outer step). False if none was served."""
         t0 = time.perf_counter()
         got = None
         while got is None and time.perf_counter() - t0 < 30:  # libp2p backs off a failed dial for a few seconds
@@ -404,7 +402,7 @@ class TrainingPeer:
             return False
         self.optimizer = make_inner_optimizer(self.model, self.cfg.lr, self.cfg.weight_decay)
         self._fresh_inner_optimizer_steps = 0
-        final = final or self.sync.outer_step_count >= self.cfg.outer_steps  # (caught up with the last step)
+        final = self.sync.outer_step_count >= self.cfg.outer_steps
         left = 0 if final else self._steps_left_in_round(self._fetch())
         self.inner_step = 0 if final else self.cfg.inner_steps - left
         self._caught_up_at = self.sync.outer_step_count
@@ -435,7 +433,7 @@ class TrainingPeer:
                                horizon=wait - (time.monotonic() - t0))
             if plan.download and not downloaded:
                 downloaded = True
-                if self._adopt_swarm_state("caught up", final=True):
+                if self._adopt_swarm_state("caught up"):
                     self.save_checkpoint()
                 continue
             if not plan.wait_for:
@@ -491,9 +489,8 @@ class TrainingPeer:
         publisher = None
         try:
             self._start_network()
-            self._check_run_model()
+            progress = self._fetch(check_model=True)
             resumed = cfg.resume and self.load_checkpoint()
-            progress = self._fetch()
             logger.info("peer %s: %d live peers in run %r", self.peer_name, len(progress), cfg.run_id)
             ahead = [r for r in progress.values() if r.outer_step > self.sync.outer_step_count]
             same = [r for r in progress.values() if r.outer_step == self.sync.outer_step_count]

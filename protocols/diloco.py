@@ -379,6 +379,20 @@ def fetch_progress(dht: DHT, run_id: str, timeout: float = 5.0) -> Dict[bytes, P
     return out
 
 
+def _ahead(record: ProgressRecord, outer_step: int, group_score: float) -> bool:
+    """The peer of ``record`` holds a newer anchor than ours: a later outer step, or the same one reached in a
+    better group."""
+    same_step_better_group = record.outer_step == outer_step and record.group_score > group_score + 1e-9
+    return record.outer_step > outer_step or same_step_better_group
+
+
+def _in_outer_step_to(record: ProgressRecord, outer_step: int) -> bool:
+    """The peer of ``record`` has done its inner steps of the round before ``outer_step`` (it is in its outer step
+    to ``outer_step``, or its newer record is not visible yet)."""
+    return (record.outer_step == outer_step - 1 and record.target_inner_steps > 0
+            and record.inner_step >= record.target_inner_steps)
+
+
 @dataclass
 class OuterPlan:
     """The plan for one outer step, as one peer sees the swarm.
@@ -417,19 +431,17 @@ def plan_outer_step(
     for peer, record in progress.items():
         if peer == me or record.left:
             continue
-        if record.outer_step > outer_step:
+        if _ahead(record, outer_step, group_score):
             behind = True
-            continue
-        if record.outer_step == outer_step - 1 and record.target_inner_steps and \
-                record.inner_step >= record.target_inner_steps:
+            if record.outer_step > outer_step:
+                continue
+        if _in_outer_step_to(record, outer_step):
             expected += 1
             if record.steps_per_s > 0:
                 latest_finish = max(latest_finish, record.time + record.target_inner_steps / record.steps_per_s)
             continue
         if record.outer_step < outer_step:
             continue
-        if record.group_score > group_score + 1e-9:
-            behind = True
         expected += 1
         target = record.target_inner_steps or record.inner_step
         remaining = max(0, target - record.inner_step)
@@ -476,17 +488,15 @@ def plan_finish(progress: Dict[bytes, ProgressRecord], me: bytes, outer_step: in
     for peer, record in progress.items():
         if peer == me or record.left:
             continue
-        same = record.outer_step == outer_step
-        if record.outer_step > outer_step or (same and record.group_score > group_score + 1e-9):
+        if _ahead(record, outer_step, group_score):
             download = True
-        elif same and record.group_score < group_score - 1e-9:
+        elif record.outer_step == outer_step and record.group_score < group_score - 1e-9:
             wait_for.append(peer)
-        elif record.outer_step == outer_step - 1 and record.target_inner_steps:
-            remaining = max(0, record.target_inner_steps - record.inner_step)
-            if remaining == 0:
-                wait_for.append(peer)  # in its outer step (its all-reduce may have failed on its side only)
-            elif record.steps_per_s > 0 and record.time + remaining / record.steps_per_s <= now + horizon:
-                wait_for.append(peer)  # late for the last group: it will download our state
+        elif _in_outer_step_to(record, outer_step):
+            wait_for.append(peer)  # its all-reduce may have failed on its side only
+        elif record.outer_step == outer_step - 1 and record.target_inner_steps and record.steps_per_s > 0 and \
+                record.time + (record.target_inner_steps - record.inner_step) / record.steps_per_s <= now + horizon:
+            wait_for.append(peer)  # late for the last group: it will download our state
     return FinishPlan(download=download, wait_for=[] if download else wait_for)
 
 

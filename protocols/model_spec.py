@@ -91,6 +91,14 @@ def shard_fingerprint(path: str) -> bytes:
     return hashlib.sha256(b"\0".join(parts)).digest()
 
 
+_HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+
+
+def looks_like_path(model: str) -> bool:
+    """True if ``model`` can only name a local directory, not a hub id like ``org/name``."""
+    return model.startswith((".", "~", os.path.sep)) or (os.path.sep in model and not _HUB_ID.match(model))
+
+
 class Checkpoint:
     """A Hugging Face causal-LM checkpoint, by local path or hub id; shards are fetched only when read.
 
@@ -101,7 +109,7 @@ class Checkpoint:
     def __init__(self, model: str):
         self.name = model
         self.local_dir: Optional[str] = model if os.path.isdir(model) else None
-        if self.local_dir is None and (os.path.sep in model and not re.match(r"^[\w.\-]+/[\w.\-]+$", model)):
+        if self.local_dir is None and looks_like_path(model):
             raise ModelSpecError(f"model {model!r} is neither a local directory nor a hub id like 'org/name'")
         config_path = self._file("config.json")
         try:

@@ -21,6 +21,7 @@ def cmd_train(args) -> int:
     from hivemind.p2p.p2p_daemon_bindings.control import P2PDaemonError
 
     from peer.trainer import DEFAULT_CORPUS, RunMismatchError, TrainConfig, TrainingPeer, install_signal_handlers
+    from protocols.model_spec import looks_like_path
     from protocols.transport import start_reaper
     from swarm.cli import _refused_addresses
 
@@ -34,8 +35,7 @@ def cmd_train(args) -> int:
         from swarm.default_model import default_model_path
 
         args.model = default_model_path()
-    elif (args.model.startswith((".", "~")) or os.sep in args.model.strip(os.sep) or args.model.startswith(os.sep)) \
-            and not os.path.isdir(os.path.expanduser(args.model)):
+    elif looks_like_path(args.model) and not os.path.isdir(os.path.expanduser(args.model)):
         print(f"error: --model {args.model}: no such model directory", file=sys.stderr)
         return 2
     shard, num_shards = args.shard
