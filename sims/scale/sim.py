@@ -35,6 +35,7 @@ from partitioner.milp import improve_placement
 from partitioner.petals import petals_join, petals_place, petals_should_move, petals_usage
 from partitioner.placement import choose_span_for, plan_placement, search_with_flow
 from partitioner.rebalance import plan_rebalance, unserved_blocks
+from partitioner.resilience import resilient_placement
 
 from .swarmgen import Swarm, make_peer, make_swarm
 
@@ -69,7 +70,10 @@ def ours_place(swarm: Swarm, exact: bool, milp_time: float = 0.0, improve_time: 
     for :func:`plan_placement`'s MILP candidate (swarms of up to ``MILP_MAX_PEERS`` peers; 0: none).
     ``improve_time``: seconds for the exact MILP started from that placement
     (:func:`partitioner.milp.improve_placement`, swarms of up to ``IMPROVE_MAX_PEERS`` peers; 0: none), which stops
-    at ``bound`` (:func:`partitioner.bound.upper_bound` of the peers; computed if not given)."""
+    at ``bound`` (:func:`partitioner.bound.upper_bound` of the peers; computed if not given); swarms of up to
+    ``RESILIENT_MAX_PEERS`` peers then get as long for :func:`partitioner.resilience.resilient_placement`
+    (keeping 0.9 of the bound, the placement from which each single departure is repaired best by one safe
+    move)."""
     peers, model = swarm.peers, swarm.model
     if exact and len(peers) <= EXACT_SELECT_MAX:
         pl = plan_placement(peers, model, evaluate=lambda pl: ours_throughput(peers, model, pl, True),
@@ -80,6 +84,8 @@ def ours_place(swarm: Swarm, exact: bool, milp_time: float = 0.0, improve_time: 
             if bound is None:
                 bound = upper_bound(peers, model)
             pl, _ = improve_placement(peers, model, pl, time_limit=improve_time, upper=bound)
+        if improve_time > 0 and len(peers) <= RESILIENT_MAX_PEERS:
+            pl = resilient_placement(peers, model, pl, time_limit=improve_time).placement
         return pl
     if len(peers) <= 200:
         return plan_placement(peers, model)
@@ -96,6 +102,9 @@ IMPROVE_MAX_PEERS = 20  # the MILP started from the heuristic placement (partiti
 # to this size when asked for (whole program up to 8 peers, a neighbourhood search above). make bench-partitioner,
 # 60 s: 8 peers median 0.947 -> 0.976 of the bound, 20 peers 0.918 -> 0.939; at 100 peers the heuristics already
 # serve 0.987
+RESILIENT_MAX_PEERS = 6  # swarms up to this size trade up to 10% of their throughput for recovering from a departure
+# with one move (partitioner.resilience), given the same time as the improvement above; the benchmark's departures
+# are single ones up to this size (20% of the peers, rounded)
 
 
 @dataclass

@@ -1,0 +1,80 @@
+"""Resilient placement of tiny swarms (partitioner.resilience): what it claims after each departure is what the
+rebalancing plan then reaches, safely and within one move, and it beats the throughput-first placement there."""
+
+import numpy as np
+import pytest
+
+from partitioner.bound import upper_bound
+from partitioner.flow import max_flow, placed_peers
+from partitioner.milp import best_placement
+from partitioner.rebalance import check_plan, plan_rebalance
+from partitioner.resilience import resilient_placement
+from sims.scale.swarmgen import make_swarm
+
+
+def _flow(peers, model, pl):
+    return max_flow(placed_peers(peers, model, pl), model.num_blocks, hop_penalty=0.0).throughput
+
+
+def _repaired(peers, model, placement, leaver):
+    """Fraction of the new bound the rebalancing plan (exact MILP within one safe move) serves after ``leaver``
+    leaves, and the plan's problems (moves over budget, blocks unserved mid-way)."""
+    keep = [p for p in peers if p.peer_id != leaver]
+    rest = {p.peer_id: placement[p.peer_id] for p in keep}
+    new_bound = upper_bound(keep, model)
+    plan = plan_rebalance(keep, model, rest, evaluate=lambda pl: _flow(keep, model, pl), milp_time_limit=10)
+    problems = []
+    if len(plan.moves) > 1:
+        problems.append(f"{len(plan.moves)} moves")
+    if check_plan(rest, plan, model.num_blocks):
+        problems.append("a block unserved mid-way")
+    return _flow(keep, model, plan.apply(rest)) / new_bound, problems
+
+
+@pytest.fixture(scope="module")
+def swarm_and_placements():
+    # a 4-peer swarm whose best placement holds every block once: some departures are then repaired badly
+    swarm = make_swarm(np.random.default_rng(2), 4, num_blocks=12)
+    best = best_placement(swarm.peers, swarm.model, time_limit=20).placement
+    assert best is not None and len(best) == 4
+    res = resilient_placement(swarm.peers, swarm.model, best, time_limit=20)
+    return swarm, best, res
+
+
+def test_resilient_placement_keeps_its_share_of_the_bound(swarm_and_placements):
+    swarm, best, res = swarm_and_placements
+    bound = upper_bound(swarm.peers, swarm.model)
+    assert res.changed and res.placement != best
+    assert res.static == pytest.approx(_flow(swarm.peers, swarm.model, res.placement))
+    assert res.static >= 0.9 * bound * (1 - 1e-6)
+    for p in swarm.peers:  # every peer keeps a span within its memory (check_placement, via the evaluator)
+        s, e = res.placement[p.peer_id]
+        assert 0 <= s < e <= swarm.model.num_blocks
+
+
+def test_each_departure_is_repaired_as_claimed_and_better_than_from_the_best_placement(swarm_and_placements):
+    swarm, best, res = swarm_and_placements
+    assert set(res.restored) == {p.peer_id for p in swarm.peers}
+    ours, theirs = [], []
+    for leaver, claimed in res.restored.items():
+        got, problems = _repaired(swarm.peers, swarm.model, res.placement, leaver)
+        assert problems == [], (leaver, problems)
+        assert got >= claimed - 1e-3, (leaver, got, claimed)  # the plan finds what the program promised
+        ours.append(got)
+        theirs.append(_repaired(swarm.peers, swarm.model, best, leaver)[0])
+    assert min(ours) >= 0.75
+    assert min(theirs) < min(ours) - 0.05 and sum(ours) > sum(theirs) + 0.1, (ours, theirs)
+
+
+def test_resilient_placement_refuses_bad_arguments_and_leaves_big_swarms_alone():
+    swarm = make_swarm(np.random.default_rng(2), 4, num_blocks=12)
+    some = {p.peer_id: (0, 1) for p in swarm.peers}
+    with pytest.raises(ValueError, match="keep"):
+        resilient_placement(swarm.peers, swarm.model, some, keep=0)
+    with pytest.raises(ValueError, match="no span"):
+        resilient_placement(swarm.peers, swarm.model, {swarm.peers[0].peer_id: (0, 1)})
+    big = make_swarm(np.random.default_rng(3), 8, num_blocks=12)
+    pl = best_placement(big.peers, big.model, time_limit=5).placement
+    pl = {p.peer_id: pl.get(p.peer_id, (0, 1)) for p in big.peers}
+    res = resilient_placement(big.peers, big.model, pl, time_limit=5)
+    assert not res.changed and res.placement == pl and res.restored == {}
