@@ -19,8 +19,10 @@ Prints one table and writes ``out/bench_partitioner.json`` and ``out/partitioner
   (a candidate for our placement) and tightens their bound (static and after departures);
 * with ``--improve-time`` (default 60 s, 10 s with ``--quick``), swarms of up to ``sims.scale.sim.IMPROVE_MAX_PEERS``
   peers get the exact MILP started from our heuristic placement (:func:`partitioner.milp.improve_placement`): the
-  placement a swarm of that size would get from a minute of planning; the static table's "s per swarm" column
-  says how long placing and measuring each swarm took;
+  placement a swarm of that size would get from a minute of planning; swarms of up to
+  ``sims.scale.sim.RESILIENT_MAX_PEERS`` peers then get as long for the resilient placement
+  (:mod:`partitioner.resilience`: keeping 0.9 of the bound, the placement each single departure is repaired best
+  from); the static table's "s per swarm" column says how long placing and measuring each swarm took;
 * timing: a joining peer's span in a 10,000-peer swarm, a rebalancing plan and a fresh placement for 1,000 peers;
 * churn: served throughput over an hour of peers joining and leaving (the PNG).
 
@@ -45,7 +47,8 @@ from partitioner.petals import petals_rebalance
 from partitioner.placement import choose_span_for, plan_placement
 from partitioner.rebalance import check_plan, plan_rebalance, unserved_blocks
 from sims.scale.sim import (
-    IMPROVE_MAX_PEERS, MILP_MAX_PEERS, evaluate_swarm, ours_throughput, petals_throughput_served, plot_churn, run_churn,
+    IMPROVE_MAX_PEERS, MILP_MAX_PEERS, RESILIENT_MAX_PEERS, evaluate_swarm, ours_throughput, petals_throughput_served,
+    plot_churn, run_churn,
 )
 from sims.scale.swarmgen import make_peer, make_swarm
 
@@ -317,8 +320,9 @@ def main(argv=None) -> None:
                          f"to {REBALANCE_MILP_MAX} peers left ({REBALANCE_HOOD_TIME:g} s for the neighborhood MILP up "
                          f"to {REBALANCE_HOOD_MAX}); 0: no MILP at all")
     ap.add_argument("--improve-time", type=float, default=None,
-                    help=f"seconds for the MILP started from our placement, swarms of up to {IMPROVE_MAX_PEERS} peers "
-                         f"(default {IMPROVE_TIME:g}, {QUICK_IMPROVE_TIME:g} with --quick; 0: none)")
+                    help=f"seconds for the MILP started from our placement, swarms of up to {IMPROVE_MAX_PEERS} peers, "
+                         f"and as long again for the resilient placement up to {RESILIENT_MAX_PEERS} peers (default "
+                         f"{IMPROVE_TIME:g}, {QUICK_IMPROVE_TIME:g} with --quick; 0: none)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                     help="processes for the swarms of each size (default: one per core)")
     ap.add_argument("--no-timing", action="store_true", help="skip the timing and churn runs (static tables only)")
