@@ -7,8 +7,9 @@ chooses, among the placements that keep at least ``keep`` of the best throughput
 departure can be repaired well by at most ``max_moves`` safe moves.
 
 **Program** (a scenario MILP: one flow program per departure, sharing the placement). For the whole swarm and,
-for every peer ``j`` whose departure leaves a coverable swarm (new bound ``B_j`` > 0,
-:func:`partitioner.bound.upper_bound`), for the others ``R_j``, the flow program of :mod:`partitioner.milp` (the
+for every departure ``j`` (by default each single peer; any sets of peers leaving together) that leaves a
+coverable swarm (new bound ``B_j`` > 0, :func:`partitioner.bound.upper_bound`), for the others ``R_j``, the flow
+program of :mod:`partitioner.milp` (the
 same variables ``h, t, z, x, u, lam`` and rows: per-block flow, contiguity, length, caps, entries, network,
 compute); the scenario's spans ``h^j[i, .]`` differ from the placement's ``h[i, .]`` only for a peer with
 ``moved^j_i = 1``; ``sum_i moved^j_i <= max_moves``; a move is safe (no block loses its last holder on the way,
@@ -51,15 +52,16 @@ class ResilientResult:
 
     :param placement: ``{peer_id: (start, end)}``: the given placement if nothing better was found
     :param static: tokens/s the placement serves (its max flow)
-    :param restored: ``{leaver: fraction}``: per departure, the program's ``min(1, lam_j / B_j)`` of its best plan
-        within the move budget (0 if none); departures that leave an uncoverable swarm are absent
+    :param restored: ``{leavers: fraction}`` (leavers: a sorted tuple of peer ids): per departure, the program's
+        ``min(1, lam_j / B_j)`` of its best plan within the move budget (0 if none); departures that leave an
+        uncoverable swarm, or no peer or none of the swarm's, are absent
     :param changed: whether ``placement`` differs from the given one
     :param seconds: wall time
     """
 
     placement: Placement
     static: float
-    restored: Dict[str, float] = field(default_factory=dict)
+    restored: Dict[Tuple[str, ...], float] = field(default_factory=dict)
     changed: bool = False
     seconds: float = 0.0
 
@@ -156,7 +158,8 @@ def _start(x0: np.ndarray, sol, kept, ids: Sequence[int], cols, lam: int, pl: Pl
 
 
 def resilient_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: Placement, *, keep: float = 0.9,
-                        time_limit: float = 60.0, groups: int = 24, max_moves: int = 1) -> ResilientResult:
+                        time_limit: float = 60.0, groups: int = 24, max_moves: int = 1,
+                        departures: Optional[Sequence[Sequence[str]]] = None) -> ResilientResult:
     """A placement serving at least ``keep`` of the bound (or what ``placement`` serves, if less) from which each
     single departure is repaired as well as possible by ``max_moves`` safe moves (the program in the module
     docstring; spans on a grid of about ``groups`` groups plus ``placement``'s span ends).
@@ -167,6 +170,8 @@ def resilient_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: 
     :param keep: fraction of the bound (:func:`partitioner.bound.upper_bound`) the placement must still serve
     :param time_limit: seconds for HiGHS
     :param max_moves: moves allowed after a departure
+    :param departures: the departures to plan for, each a set of peer ids leaving together (default: every single
+        peer); each adds a flow program of the peers left, so the program grows with their number
     :raises ValueError: for a bad ``placement``, or ``keep`` outside ``(0, 1]``
     """
     t0 = time.time()
@@ -194,8 +199,13 @@ def resilient_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: 
     prog.lb[0][0] = min(keep * big, base.throughput / scale) * (1 - 1e-6)
     cost_of: Dict[int, float] = {lam: -1e-3 / big}
     scenarios = []
-    for j in range(n):
-        rest = [i for i in range(n) if i != j]
+    if departures is None:
+        departures = [(p.peer_id,) for p in kept]
+    for gone in departures:
+        j = tuple(sorted(str(pid) for pid in gone))
+        rest = [i for i in range(n) if kept[i].peer_id not in j]
+        if len(rest) == n or not rest:
+            continue
         b_j = upper_bound([kept[i] for i in rest], model) / scale
         if b_j <= 0:
             continue
@@ -253,6 +263,6 @@ def resilient_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: 
         result.seconds = time.time() - t0
         return result
     result.placement, result.static, result.changed = new, static, new != dict(placement)
-    result.restored = {kept[j].peer_id: float(min(1.0, res.x[f])) for j, _, _, _, f, _ in scenarios}
+    result.restored = {j: float(min(1.0, res.x[f])) for j, _, _, _, f, _ in scenarios}
     result.seconds = time.time() - t0
     return result

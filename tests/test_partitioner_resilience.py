@@ -54,9 +54,9 @@ def test_resilient_placement_keeps_its_share_of_the_bound(swarm_and_placements):
 
 def test_each_departure_is_repaired_as_claimed_and_better_than_from_the_best_placement(swarm_and_placements):
     swarm, best, res = swarm_and_placements
-    assert set(res.restored) == {p.peer_id for p in swarm.peers}
+    assert set(res.restored) == {(p.peer_id,) for p in swarm.peers}
     ours, theirs = [], []
-    for leaver, claimed in res.restored.items():
+    for (leaver,), claimed in res.restored.items():
         got, problems = _repaired(swarm.peers, swarm.model, res.placement, leaver)
         assert problems == [], (leaver, problems)
         assert got >= claimed - 1e-3, (leaver, got, claimed)  # the plan finds what the program promised
@@ -78,3 +78,21 @@ def test_resilient_placement_refuses_bad_arguments_and_leaves_big_swarms_alone()
     pl = {p.peer_id: pl.get(p.peer_id, (0, 1)) for p in big.peers}
     res = resilient_placement(big.peers, big.model, pl, time_limit=5)
     assert not res.changed and res.placement == pl and res.restored == {}
+
+
+def test_departures_of_several_peers_are_planned_for_as_given():
+    swarm = make_swarm(np.random.default_rng(5), 5, num_blocks=10)
+    best = best_placement(swarm.peers, swarm.model, time_limit=10).placement
+    best = {p.peer_id: best.get(p.peer_id, (0, 1)) for p in swarm.peers}
+    ids = [p.peer_id for p in swarm.peers]
+    pairs = [(ids[1], ids[0]), (ids[2], ids[3]), ("nobody",)]
+    res = resilient_placement(swarm.peers, swarm.model, best, time_limit=10, departures=pairs)
+    assert set(res.restored) == {tuple(sorted(p)) for p in pairs[:2]}  # the unknown peer's departure changes nothing
+    for gone, claimed in res.restored.items():
+        keep = [p for p in swarm.peers if p.peer_id not in gone]
+        rest = {p.peer_id: res.placement[p.peer_id] for p in keep}
+        plan = plan_rebalance(keep, swarm.model, rest, evaluate=lambda pl: _flow(keep, swarm.model, pl),
+                              milp_time_limit=10)
+        assert len(plan.moves) <= 1 and check_plan(rest, plan, swarm.model.num_blocks) == []
+        got = _flow(keep, swarm.model, plan.apply(rest)) / upper_bound(keep, swarm.model)
+        assert got >= claimed - 1e-3, (gone, got, claimed)
