@@ -199,6 +199,7 @@ def resilient_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: 
     prog.lb[0][0] = min(keep * big, base.throughput / scale) * (1 - 1e-6)
     cost_of: Dict[int, float] = {lam: -1e-3 / big}
     scenarios = []
+    hulls: List[Tuple[int, int, int]] = []  # (peer, hull, rise) first columns, every scenario
     if departures is None:
         departures = [(p.peer_id,) for p in kept]
     for gone in departures:
@@ -217,6 +218,7 @@ def resilient_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: 
             via = prog.columns(1, 1.0, integer=True)
             hull = prog.columns(G, 1.0)
             rise = prog.columns(G, 1.0)
+            hulls.append((i, hull, rise))
             for g in range(G):
                 prog.row([hj + g, h0 + g, moved + a], [1, -1, -1], -np.inf, 0)  # |h^j - h| <= moved
                 prog.row([h0 + g, hj + g, moved + a], [1, -1, -1], -np.inf, 0)
@@ -249,6 +251,10 @@ def resilient_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: 
         sol = max_flow(placed_peers([kept[i] for i in rest], model, placement), L, hop_penalty=0.0)
         _start(x0, sol, kept, rest, cols_j, lam_j, placement, edges, scale)
         x0[f] = min(1.0, x0[lam_j] / b_j)
+    for i, hull, rise in hulls:  # no one moves: each hull is the peer's own span
+        a, b = np.searchsorted(edges, placement[kept[i].peer_id])
+        x0[hull + a:hull + b] = 1.0
+        x0[rise + a] = 1.0
     x0 = np.clip(x0, lb, ub)
     res = _run(cost, integer, lb, ub, prog.matrix(), np.array(prog.lo), np.array(prog.hi), time_limit, 1e-4, x0)
     if res.x is None:

@@ -96,3 +96,25 @@ def test_departures_of_several_peers_are_planned_for_as_given():
         assert len(plan.moves) <= 1 and check_plan(rest, plan, swarm.model.num_blocks) == []
         got = _flow(keep, swarm.model, plan.apply(rest)) / upper_bound(keep, swarm.model)
         assert got >= claimed - 1e-3, (gone, got, claimed)
+
+
+def test_the_given_placement_is_a_feasible_first_incumbent(monkeypatch):
+    # the program starts from the given placement with no moves: HiGHS drops a start that breaks a row, and the
+    # result is then not sure to be as good as the given placement
+    import partitioner.resilience as resilience
+
+    checked = []
+    run = resilience._run
+
+    def checking_run(cost, integrality, lb, ub, a, lo, hi, time_limit, gap, x0):
+        ax = a @ x0
+        checked.append((int(((ax < lo - 1e-7) | (ax > hi + 1e-7)).sum()),
+                        int(((x0 < lb - 1e-9) | (x0 > ub + 1e-9)).sum())))
+        return run(cost, integrality, lb, ub, a, lo, hi, time_limit, gap, x0)
+
+    monkeypatch.setattr(resilience, "_run", checking_run)
+    for seed in (4, 8):
+        swarm = make_swarm(np.random.default_rng(seed), 4, num_blocks=12)
+        best = best_placement(swarm.peers, swarm.model, time_limit=10).placement
+        resilient_placement(swarm.peers, swarm.model, best, time_limit=1)
+    assert checked == [(0, 0), (0, 0)]
