@@ -467,7 +467,8 @@ def check_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: Plac
             s, e = span
         except (TypeError, ValueError):
             raise ValueError(f"span {span!r} of peer {pid} is not a (start, end) pair") from None
-        if not all(isinstance(v, (int, np.integer)) for v in (s, e)) or not 0 <= s < e <= L:
+        if (not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (s, e))
+                or not 0 <= s < e <= L):
             raise ValueError(f"span {span!r} of peer {pid} is not whole blocks within [0, {L})")
         room = len(compute_curve(specs[pid], model))
         if e - s > room:

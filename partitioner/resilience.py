@@ -1,10 +1,13 @@
-"""Placements of tiny swarms that survive a peer leaving: a little throughput traded for a quick recovery.
+"""Placements of tiny swarms that survive a peer leaving: among the placements serving (nearly) the most, the one
+each departure is best repaired from.
 
 In a swarm of a handful of peers the placement that serves the most usually holds each block once, so when any
 peer leaves, some blocks have no holder and nothing is served until the others move; with a move budget (one
-peer, :mod:`partitioner.rebalance`) the best reachable placement often serves little or nothing. This module
-chooses, among the placements that keep at least ``keep`` of the best throughput, one from which every single
-departure can be repaired well by at most ``max_moves`` safe moves.
+peer, :mod:`partitioner.rebalance`) the best reachable placement often serves little or nothing. Yet there are
+often several placements that serve as much, and some of them hold a few blocks twice or leave a peer room to
+take over a neighbour's blocks. This module chooses, among the placements that keep at least ``keep`` of the bound
+(by default: all that the given placement serves), one from which every single departure can be repaired well by
+at most one safe move.
 
 **Program** (a scenario MILP: one flow program per departure, sharing the placement). For the whole swarm and,
 for every departure ``j`` (by default each single peer; any sets of peers leaving together) that leaves a
@@ -32,6 +35,7 @@ Stochastic Programming") applied to the placement MILP; Petals and Helix place f
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -53,8 +57,9 @@ class ResilientResult:
     :param placement: ``{peer_id: (start, end)}``: the given placement if nothing better was found
     :param static: tokens/s the placement serves (its max flow)
     :param restored: ``{leavers: fraction}`` (leavers: a sorted tuple of peer ids): per departure, the program's
-        ``min(1, lam_j / B_j)`` of its best plan within the move budget (0 if none); departures that leave an
-        uncoverable swarm, or no peer or none of the swarm's, are absent
+        ``min(1, lam_j / B_j)`` for the plan in its solution: the best one it found within the time limit, which
+        may be below what a rebalancing plan then finds (:func:`partitioner.rebalance.plan_rebalance` with its
+        MILP; the tests check that it reaches each claim); departures that leave an uncoverable swarm, no peer, or every peer are absent
     :param changed: whether ``placement`` differs from the given one
     :param seconds: wall time
     """
@@ -157,34 +162,68 @@ def _start(x0: np.ndarray, sol, kept, ids: Sequence[int], cols, lam: int, pl: Pl
         x0[u + a:u + b] = np.maximum(np.diff(np.concatenate(([0.0], per))), 0.0)
 
 
-def resilient_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: Placement, *, keep: float = 0.9,
-                        time_limit: float = 60.0, groups: int = 24, max_moves: int = 1,
-                        departures: Optional[Sequence[Sequence[str]]] = None) -> ResilientResult:
-    """A placement serving at least ``keep`` of the bound (or what ``placement`` serves, if less) from which each
-    single departure is repaired as well as possible by ``max_moves`` safe moves (the program in the module
-    docstring; spans on a grid of about ``groups`` groups plus ``placement``'s span ends).
-
-    :param placement: the swarm's throughput-first placement (``{peer_id: (start, end)}``, every peer that can
-        hold a block; checked: ``ValueError`` if it is not a placement of ``peers``); returned unchanged when the
-        program finds nothing better, the swarm has more than ``RESILIENT_MAX_PEERS`` peers or fewer than 2
-    :param keep: fraction of the bound (:func:`partitioner.bound.upper_bound`) the placement must still serve
-    :param time_limit: seconds for HiGHS
-    :param max_moves: moves allowed after a departure
-    :param departures: the departures to plan for, each a set of peer ids leaving together (default: every single
-        peer); each adds a flow program of the peers left, so the program grows with their number
-    :raises ValueError: for a bad ``placement``, or ``keep`` outside ``(0, 1]``
-    """
-    t0 = time.time()
+def _check_arguments(peers: Sequence[PeerSpec], keep: float, time_limit: float, groups: int, max_moves: int,
+                     departures) -> None:
+    """:raises ValueError: naming the first argument of :func:`resilient_placement` that is out of range"""
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
+    if not (isinstance(time_limit, (int, float)) and math.isfinite(time_limit) and time_limit > 0):
+        raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+        raise ValueError(f"groups must be a positive whole number, got {groups!r}")
+    if max_moves not in (0, 1) or isinstance(max_moves, bool):
+        raise ValueError(f"max_moves must be 0 or 1 (a plan of several moves needs an order), got {max_moves!r}")
+    ids = [p.peer_id for p in peers]
+    if len(set(ids)) != len(ids):
+        raise ValueError("two peers share a peer id")
+    if departures is not None:
+        if isinstance(departures, (str, bytes)):
+            raise ValueError("departures must be a list of sets of peer ids, not a string")
+        for gone in departures:
+            if isinstance(gone, (str, bytes)) or not hasattr(gone, "__iter__"):
+                raise ValueError(f"each departure must be a set (tuple, list) of peer ids, got {gone!r}")
+
+
+def resilient_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: Placement, *, keep: float = 1.0,
+                        time_limit: float = 60.0, groups: int = 24, max_moves: int = 1,
+                        departures: Optional[Sequence[Sequence[str]]] = None) -> ResilientResult:
+    """A placement serving at least ``keep`` of the bound (or all that ``placement`` serves, if less: with the
+    default ``keep = 1`` nothing is given up) from which each departure is repaired as well as possible by
+    ``max_moves`` safe moves (the program in the module docstring; spans on a grid of about ``groups`` groups plus
+    ``placement``'s span ends).
+
+    :param placement: the swarm's throughput-first placement (``{peer_id: (start, end)}``, every peer that can
+        hold a block; checked: ``ValueError`` if it is not a placement of ``peers``). It is returned unchanged,
+        with an empty ``restored``, when the swarm has more than ``RESILIENT_MAX_PEERS`` peers or fewer than 2
+        that can hold a block, when ``placement`` or the swarm serves nothing (a block without a holder), when no
+        departure leaves a swarm that can cover the model, or when HiGHS returns no solution; and it is returned
+        with the program's ``restored`` when the program finds nothing better
+    :param keep: fraction of the bound (:func:`partitioner.bound.upper_bound`) the placement must still serve
+    :param time_limit: seconds for HiGHS (positive)
+    :param groups: about this many groups of blocks on the grid (a positive whole number)
+    :param max_moves: moves allowed after a departure: 0 or 1 (with several, each move's safety would depend on
+        the order of the moves, which the program does not model)
+    :param departures: the departures to plan for, each a set (tuple, list) of peer ids leaving together (default:
+        every single peer); ids not in the swarm are ignored and equal departures count once; each adds a flow
+        program of the peers left, so the program grows with their number
+    :raises ValueError: for a bad ``placement``, duplicate peer ids, or an argument out of the ranges above
+    """
+    t0 = time.time()
+    _check_arguments(peers, keep, time_limit, groups, max_moves, departures)
     check_placement(peers, model, placement)
+    placement = {pid: (int(s), int(e)) for pid, (s, e) in placement.items()}
     kept, comp, net = _peer_data(peers, model)
     n = len(kept)
     L = model.num_blocks
+    result = ResilientResult(dict(placement), 0.0)
+    if n > RESILIENT_MAX_PEERS:
+        result.static = max_flow(placed_peers(kept, model, placement), L, hop_penalty=0.0).throughput
+        result.seconds = time.time() - t0
+        return result
     base = max_flow(placed_peers(kept, model, placement), L, hop_penalty=0.0)
-    result = ResilientResult(dict(placement), base.throughput, seconds=0.0)
+    result.static = base.throughput
     bound = upper_bound(kept, model) if n else 0.0
-    if n < 2 or n > RESILIENT_MAX_PEERS or bound <= 0 or base.throughput <= 0:
+    if n < 2 or bound <= 0 or base.throughput <= 0:
         result.seconds = time.time() - t0
         return result
     edges = grid_for(L, groups, keep=[v for span in placement.values() for v in span])
@@ -202,11 +241,14 @@ def resilient_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: 
     hulls: List[Tuple[int, int, int]] = []  # (peer, hull, rise) first columns, every scenario
     if departures is None:
         departures = [(p.peer_id,) for p in kept]
+    known = {p.peer_id for p in kept}
+    seen = set()
     for gone in departures:
-        j = tuple(sorted(str(pid) for pid in gone))
+        j = tuple(sorted({pid for pid in gone if pid in known}, key=str))
         rest = [i for i in range(n) if kept[i].peer_id not in j]
-        if len(rest) == n or not rest:
+        if j in seen or len(rest) == n or not rest:
             continue
+        seen.add(j)
         b_j = upper_bound([kept[i] for i in rest], model) / scale
         if b_j <= 0:
             continue
@@ -269,6 +311,6 @@ def resilient_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: 
         result.seconds = time.time() - t0
         return result
     result.placement, result.static, result.changed = new, static, new != dict(placement)
-    result.restored = {j: float(min(1.0, res.x[f])) for j, _, _, _, f, _ in scenarios}
+    result.restored = {j: float(min(1.0, max(0.0, res.x[f]))) for j, _, _, _, f, _ in scenarios}
     result.seconds = time.time() - t0
     return result

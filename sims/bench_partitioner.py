@@ -21,8 +21,8 @@ Prints one table and writes ``out/bench_partitioner.json`` and ``out/partitioner
   peers get the exact MILP started from our heuristic placement (:func:`partitioner.milp.improve_placement`): the
   placement a swarm of that size would get from a minute of planning; swarms of up to
   ``sims.scale.sim.RESILIENT_MAX_PEERS`` peers then get as long for the resilient placement
-  (:mod:`partitioner.resilience`: keeping 0.9 of the bound, the placement each single departure is repaired best
-  from); the static table's "s per swarm" column says how long placing and measuring each swarm took;
+  (:mod:`partitioner.resilience`: among the placements serving as much, the one each single departure is repaired
+  best from); the static table's "s per swarm" column says how long placing and measuring each swarm took;
 * timing: a joining peer's span in a 10,000-peer swarm, a rebalancing plan and a fresh placement for 1,000 peers;
 * churn: served throughput over an hour of peers joining and leaving (the PNG).
 

@@ -37,7 +37,7 @@ def swarm_and_placements():
     swarm = make_swarm(np.random.default_rng(2), 4, num_blocks=12)
     best = best_placement(swarm.peers, swarm.model, time_limit=20).placement
     assert best is not None and len(best) == 4
-    res = resilient_placement(swarm.peers, swarm.model, best, time_limit=20)
+    res = resilient_placement(swarm.peers, swarm.model, best, time_limit=20, keep=0.9)
     return swarm, best, res
 
 
@@ -71,6 +71,15 @@ def test_resilient_placement_refuses_bad_arguments_and_leaves_big_swarms_alone()
     some = {p.peer_id: (0, 1) for p in swarm.peers}
     with pytest.raises(ValueError, match="keep"):
         resilient_placement(swarm.peers, swarm.model, some, keep=0)
+    bad = [dict(keep=float("nan")), dict(time_limit=float("nan")), dict(time_limit=-1), dict(groups=0),
+           dict(groups=2.5), dict(max_moves=2), dict(max_moves=-1), dict(departures="p0"), dict(departures=["p0"])]
+    for kwargs in bad:
+        with pytest.raises(ValueError):
+            resilient_placement(swarm.peers, swarm.model, some, **kwargs)
+    with pytest.raises(ValueError, match="share a peer id"):
+        resilient_placement(swarm.peers + swarm.peers[:1], swarm.model, some)
+    with pytest.raises(ValueError, match="whole blocks"):
+        resilient_placement(swarm.peers, swarm.model, {**some, swarm.peers[0].peer_id: (False, True)})
     with pytest.raises(ValueError, match="no span"):
         resilient_placement(swarm.peers, swarm.model, {swarm.peers[0].peer_id: (0, 1)})
     big = make_swarm(np.random.default_rng(3), 8, num_blocks=12)
@@ -118,3 +127,16 @@ def test_the_given_placement_is_a_feasible_first_incumbent(monkeypatch):
         best = best_placement(swarm.peers, swarm.model, time_limit=10).placement
         resilient_placement(swarm.peers, swarm.model, best, time_limit=1)
     assert checked == [(0, 0), (0, 0)]
+
+
+def test_by_default_nothing_of_the_given_placement_is_given_up_and_departures_are_named_once():
+    swarm = make_swarm(np.random.default_rng(8), 4, num_blocks=12)
+    best = best_placement(swarm.peers, swarm.model, time_limit=10).placement
+    as_lists = {pid: list(span) for pid, span in best.items()}
+    ids = [p.peer_id for p in swarm.peers]
+    res = resilient_placement(swarm.peers, swarm.model, as_lists, time_limit=5,
+                              departures=[(ids[0],), [ids[0], ids[0]], (ids[1], "nobody"), ("nobody",)])
+    assert res.static >= _flow(swarm.peers, swarm.model, best) * (1 - 1e-6)
+    assert set(res.restored) == {(ids[0],), (ids[1],)}
+    assert all(0.0 <= v <= 1.0 for v in res.restored.values())
+    assert res.changed == (res.placement != best)
