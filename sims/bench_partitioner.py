@@ -217,9 +217,13 @@ def progress_line(size: int, s: Dict, seconds: float) -> str:
             f"ours {fmt(s['ours_med'], 3)} of the bound (p10 {fmt(s['ours_p10'], 3)})")
     if abs(s["ours_loose_med"] - s["ours_med"]) > 1e-12:
         line += f", {fmt(s['ours_loose_med'], 3)} of the bound before the MILP tightened it"
-    line += f"; Petals {fmt(s['petals_med'], 4)}"
+    line += f"; Petals {fmt(s['petals_med'], 3)} of the bound"
     if "reb_after_med" in s:
-        line += f"; after 20% leave {fmt(s['reb_after_med'], 3)} (p10 {fmt(s['reb_after_p10'], 3)})"
+        line += f"; after 20% leave {fmt(s['reb_after_med'], 3)} of the new bound (p10 {fmt(s['reb_after_p10'], 3)}"
+        if s.get("reb_uncoverable"):
+            line += (f"; {s['reb_uncoverable']} of {s['swarms']} swarms left out: their remaining peers cannot hold "
+                     f"the model")
+        line += ")"
         if "reb_budget_bound_med" in s:
             line += f", the best plan within the move budget serves <= {fmt(s['reb_budget_bound_med'], 3)}"
     return line

@@ -53,6 +53,9 @@ def test_bench_progress_line_leaves_out_figures_a_size_does_not_have():
              reb_after_med=0.7, reb_after_p10=0.5)
     line = progress_line(20, s, 12.0)
     assert "nan" not in line and "move budget" not in line and "before the MILP" not in line, line
-    assert "0.900 of the bound" in line and "after 20% leave 0.700" in line
+    assert "0.900 of the bound" in line and "after 20% leave 0.700" in line and "left out" not in line
+    assert "Petals 0.100 of the bound" in line
+    line = progress_line(4, dict(s, reb_uncoverable=2), 12.0)
+    assert "(p10 0.500; 2 of 3 swarms left out: their remaining peers cannot hold the model)" in line, line
     line = progress_line(8, dict(s, reb_budget_bound_med=0.71, ours_loose_med=0.85), 12.0)
     assert "the best plan within the move budget serves <= 0.710" in line and "0.850 of the bound before" in line
