@@ -62,6 +62,7 @@ class ResilientResult:
         MILP; the tests check that it reaches each claim); departures that leave an uncoverable swarm, no peer, or every peer are absent
     :param changed: whether ``placement`` differs from the given one
     :param seconds: wall time
+    :param optimal: HiGHS proved the program's solution optimal (else it stopped at the time limit)
     """
 
     placement: Placement
@@ -69,6 +70,7 @@ class ResilientResult:
     restored: Dict[Tuple[str, ...], float] = field(default_factory=dict)
     changed: bool = False
     seconds: float = 0.0
+    optimal: bool = False
 
 
 class _Program:
@@ -162,6 +164,41 @@ def _start(x0: np.ndarray, sol, kept, ids: Sequence[int], cols, lam: int, pl: Pl
         x0[u + a:u + b] = np.maximum(np.diff(np.concatenate(([0.0], per))), 0.0)
 
 
+def _departure_program(prog: _Program, cols, rest: Sequence[int], comp, net, w: np.ndarray, b_j: float,
+                       max_moves: int, hulls: List[Tuple[int, int, int]]):
+    """Add one departure's scenario (module docstring): the flow program of the peers ``rest`` left, their spans
+    tied to the placement's ``cols`` but for at most ``max_moves`` safe movers, and ``f <= lam_j / b_j``. Appends
+    each peer's ``(peer, hull, rise)`` columns to ``hulls``; returns ``(lam_j, its cols, f)`` columns."""
+    G, L = len(w), float(w.sum())
+    lam_j, cols_j = _flow_program(prog, rest, comp, net, w, b_j * (1 + 1e-6))
+    moved = prog.columns(len(rest), 1.0, integer=True)
+    for a, i in enumerate(rest):
+        h0, hj = cols[i][0], cols_j[i][0]
+        others = [cols[k][0] for k in rest if k != i]
+        via = prog.columns(1, 1.0, integer=True)
+        hull = prog.columns(G, 1.0)
+        rise = prog.columns(G, 1.0)
+        hulls.append((i, hull, rise))
+        for g in range(G):
+            prog.row([hj + g, h0 + g, moved + a], [1, -1, -1], -np.inf, 0)  # |h^j - h| <= moved
+            prog.row([h0 + g, hj + g, moved + a], [1, -1, -1], -np.inf, 0)
+            # a plain move (via = 0): the mover's old blocks are held by others, h[i,g] <= sum_k h[k,g]
+            prog.row([h0 + g, moved + a, via] + [o + g for o in others], [1, 1, -1] + [-1] * len(others),
+                     -np.inf, 1)
+            # the hull of both spans: hull >= h, h^j, and contiguous (one rise in all)
+            prog.row([hull + g, h0 + g], [1, -1], 0, np.inf)
+            prog.row([hull + g, hj + g], [1, -1], 0, np.inf)
+            prev = [hull + g - 1] if g else []
+            prog.row([hull + g, rise + g] + prev, [1, -1] + [-1] * len(prev), -np.inf, 0)
+        prog.row(list(range(rise, rise + G)), [1] * G, -np.inf, 1)
+        # make before break (via = 1): the hull fits the mover's memory
+        prog.row(list(range(hull, hull + G)) + [via], list(w) + [L], -np.inf, len(comp[i]) + L)
+    prog.row(list(range(moved, moved + len(rest))), [1] * len(rest), -np.inf, max_moves)
+    f = prog.columns(1, 1.0)
+    prog.row([f, lam_j], [1, -1 / b_j], -np.inf, 0)
+    return lam_j, cols_j, f
+
+
 def _check_arguments(peers: Sequence[PeerSpec], keep: float, time_limit: float, groups: int, max_moves: int,
                      departures) -> None:
     """:raises ValueError: naming the first argument of :func:`resilient_placement` that is out of range"""
@@ -252,32 +289,7 @@ def resilient_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: 
         b_j = upper_bound([kept[i] for i in rest], model) / scale
         if b_j <= 0:
             continue
-        lam_j, cols_j = _flow_program(prog, rest, comp, net, w, b_j * (1 + 1e-6))
-        moved = prog.columns(len(rest), 1.0, integer=True)
-        for a, i in enumerate(rest):
-            h0, hj = cols[i][0], cols_j[i][0]
-            others = [cols[k][0] for k in rest if k != i]
-            via = prog.columns(1, 1.0, integer=True)
-            hull = prog.columns(G, 1.0)
-            rise = prog.columns(G, 1.0)
-            hulls.append((i, hull, rise))
-            for g in range(G):
-                prog.row([hj + g, h0 + g, moved + a], [1, -1, -1], -np.inf, 0)  # |h^j - h| <= moved
-                prog.row([h0 + g, hj + g, moved + a], [1, -1, -1], -np.inf, 0)
-                # a plain move (via = 0): the mover's old blocks are held by others, h[i,g] <= sum_k h[k,g]
-                prog.row([h0 + g, moved + a, via] + [o + g for o in others], [1, 1, -1] + [-1] * len(others),
-                         -np.inf, 1)
-                # the hull of both spans: hull >= h, h^j, and contiguous (one rise in all)
-                prog.row([hull + g, h0 + g], [1, -1], 0, np.inf)
-                prog.row([hull + g, hj + g], [1, -1], 0, np.inf)
-                prev = [hull + g - 1] if g else []
-                prog.row([hull + g, rise + g] + prev, [1, -1] + [-1] * len(prev), -np.inf, 0)
-            prog.row(list(range(rise, rise + G)), [1] * G, -np.inf, 1)
-            # make before break (via = 1): the hull fits the mover's memory
-            prog.row(list(range(hull, hull + G)) + [via], list(w) + [L], -np.inf, len(comp[i]) + L)
-        prog.row(list(range(moved, moved + len(rest))), [1] * len(rest), -np.inf, max_moves)
-        f = prog.columns(1, 1.0)
-        prog.row([f, lam_j], [1, -1 / b_j], -np.inf, 0)
+        lam_j, cols_j, f = _departure_program(prog, cols, rest, comp, net, w, b_j, max_moves, hulls)
         cost_of[f] = -1.0
         scenarios.append((j, rest, lam_j, cols_j, f, b_j))
     if not scenarios:
@@ -311,6 +323,7 @@ def resilient_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: 
         result.seconds = time.time() - t0
         return result
     result.placement, result.static, result.changed = new, static, new != dict(placement)
+    result.optimal = res.status == 0
     result.restored = {j: float(min(1.0, max(0.0, res.x[f]))) for j, _, _, _, f, _ in scenarios}
     result.seconds = time.time() - t0
     return result

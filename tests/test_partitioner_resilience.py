@@ -34,11 +34,14 @@ def _repaired(peers, model, placement, leaver):
 @pytest.fixture(scope="module")
 def swarm_and_placements():
     # a 4-peer swarm whose best placement holds every block once: some departures are then repaired badly
-    swarm = make_swarm(np.random.default_rng(2), 4, num_blocks=12)
-    best = best_placement(swarm.peers, swarm.model, time_limit=20).placement
-    assert best is not None and len(best) == 4
-    res = resilient_placement(swarm.peers, swarm.model, best, time_limit=20, keep=0.9)
-    return swarm, best, res
+    # (small enough for HiGHS to prove both programs optimal in a few seconds, so the result does not depend on
+    # the machine's speed)
+    swarm = make_swarm(np.random.default_rng(2), 4, num_blocks=8)
+    best = best_placement(swarm.peers, swarm.model, time_limit=60)
+    assert best.status == 0 and len(best.placement) == 4
+    res = resilient_placement(swarm.peers, swarm.model, best.placement, time_limit=60, keep=0.9)
+    assert res.optimal
+    return swarm, best.placement, res
 
 
 def test_resilient_placement_keeps_its_share_of_the_bound(swarm_and_placements):
