@@ -1,6 +1,8 @@
 """Benchmark of the partitioner against the Petals baseline and the upper bound: ``python -m sims.bench_partitioner``.
 
-Prints one table and writes ``out/bench_partitioner.json`` and ``out/partitioner_churn.png``.
+Prints one table and writes ``out/bench_partitioner.json`` and ``out/partitioner_churn.png`` (with
+``--no-timing``: the placement and rebalancing figures only, as JSON on stdout and in
+``out/bench_partitioner_static.json``).
 
 * served throughput: random heterogeneous swarms (:mod:`sims.scale.swarmgen`, 32–80 blocks) of 4 to 10,000
   peers, each placed and routed by ours and by Petals' rules, as fractions of the upper bound
