@@ -59,7 +59,8 @@ class ResilientResult:
     :param restored: ``{leavers: fraction}`` (leavers: a sorted tuple of peer ids): per departure, the program's
         ``min(1, lam_j / B_j)`` for the plan in its solution: the best one it found within the time limit, which
         may be below what a rebalancing plan then finds (:func:`partitioner.rebalance.plan_rebalance` with its
-        MILP; the tests check that it reaches each claim); departures that leave an uncoverable swarm, no peer, or every peer are absent
+        MILP; the tests check that it reaches each claim); departures that leave an uncoverable swarm, no peer, or
+        every peer are absent
     :param changed: whether ``placement`` differs from the given one
     :param seconds: wall time
     :param optimal: HiGHS proved the program's solution optimal (else it stopped at the time limit)
@@ -249,19 +250,23 @@ def resilient_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: 
     _check_arguments(peers, keep, time_limit, groups, max_moves, departures)
     check_placement(peers, model, placement)
     placement = {pid: (int(s), int(e)) for pid, (s, e) in placement.items()}
+    result = _plan(peers, model, placement, keep, time_limit, groups, max_moves, departures)
+    result.seconds = time.time() - t0
+    return result
+
+
+def _plan(peers: Sequence[PeerSpec], model: ModelSpec, placement: Placement, keep: float, time_limit: float,
+          groups: int, max_moves: int, departures) -> ResilientResult:
+    """:func:`resilient_placement` after its checks (``placement``'s spans as integer pairs)."""
     kept, comp, net = _peer_data(peers, model)
     n = len(kept)
     L = model.num_blocks
-    result = ResilientResult(dict(placement), 0.0)
-    if n > RESILIENT_MAX_PEERS:
-        result.static = max_flow(placed_peers(kept, model, placement), L, hop_penalty=0.0).throughput
-        result.seconds = time.time() - t0
-        return result
     base = max_flow(placed_peers(kept, model, placement), L, hop_penalty=0.0)
-    result.static = base.throughput
-    bound = upper_bound(kept, model) if n else 0.0
-    if n < 2 or bound <= 0 or base.throughput <= 0:
-        result.seconds = time.time() - t0
+    result = ResilientResult(dict(placement), base.throughput)
+    if n < 2 or n > RESILIENT_MAX_PEERS or base.throughput <= 0:
+        return result
+    bound = upper_bound(kept, model)
+    if bound <= 0:
         return result
     edges = grid_for(L, groups, keep=[v for span in placement.values() for v in span])
     w = np.diff(edges).astype(np.float64)
@@ -293,7 +298,6 @@ def resilient_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: 
         cost_of[f] = -1.0
         scenarios.append((j, rest, lam_j, cols_j, f, b_j))
     if not scenarios:
-        result.seconds = time.time() - t0
         return result
     cost = np.zeros(prog.ncol)
     for c, v in cost_of.items():
@@ -312,7 +316,6 @@ def resilient_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: 
     x0 = np.clip(x0, lb, ub)
     res = _run(cost, integer, lb, ub, prog.matrix(), np.array(prog.lo), np.array(prog.hi), time_limit, 1e-4, x0)
     if res.x is None:
-        result.seconds = time.time() - t0
         return result
     new: Placement = {}
     for i, p in enumerate(kept):
@@ -320,10 +323,8 @@ def resilient_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: 
         new[p.peer_id] = (int(edges[held[0]]), int(edges[held[-1] + 1])) if len(held) else placement[p.peer_id]
     static = max_flow(placed_peers(kept, model, new), L, hop_penalty=0.0).throughput
     if static < min(keep * bound, base.throughput) * (1 - 1e-6):  # the program's own flow was off: keep the given
-        result.seconds = time.time() - t0
         return result
     result.placement, result.static, result.changed = new, static, new != dict(placement)
     result.optimal = res.status == 0
     result.restored = {j: float(min(1.0, max(0.0, res.x[f]))) for j, _, _, _, f, _ in scenarios}
-    result.seconds = time.time() - t0
     return result
