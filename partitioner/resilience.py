@@ -43,11 +43,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .bound import upper_bound
-from .cost import ModelSpec, PeerSpec
+from .cost import ModelSpec, PeerSpec, max_blocks
 from .flow import max_flow, placed_peers
 from .milp import Placement, _peer_data, _run, check_placement, grid_for
 
-RESILIENT_MAX_PEERS = 6  # the program grows with peers x departures; beyond this it is not attempted
+RESILIENT_MAX_PEERS = 6  # the program grows with peers x departures; beyond this it is not attempted by default
 
 
 @dataclass
@@ -166,10 +166,10 @@ def _start(x0: np.ndarray, sol, kept, ids: Sequence[int], cols, lam: int, pl: Pl
 
 
 def _departure_program(prog: _Program, cols, rest: Sequence[int], comp, net, w: np.ndarray, b_j: float,
-                       max_moves: int, hulls: List[Tuple[int, int, int]]):
+                       max_moves: int, hulls: List[Tuple[int, int, int, int, int]]):
     """Add one departure's scenario (module docstring): the flow program of the peers ``rest`` left, their spans
     tied to the placement's ``cols`` but for at most ``max_moves`` safe movers, and ``f <= lam_j / b_j``. Appends
-    each peer's ``(peer, hull, rise)`` columns to ``hulls``; returns ``(lam_j, its cols, f)`` columns."""
+    each peer's ``(peer, hull, rise, moved, via)`` columns to ``hulls``; returns ``(lam_j, its cols, f)`` columns."""
     G, L = len(w), float(w.sum())
     lam_j, cols_j = _flow_program(prog, rest, comp, net, w, b_j * (1 + 1e-6))
     moved = prog.columns(len(rest), 1.0, integer=True)
@@ -179,7 +179,7 @@ def _departure_program(prog: _Program, cols, rest: Sequence[int], comp, net, w: 
         via = prog.columns(1, 1.0, integer=True)
         hull = prog.columns(G, 1.0)
         rise = prog.columns(G, 1.0)
-        hulls.append((i, hull, rise))
+        hulls.append((i, hull, rise, moved + a, via))
         for g in range(G):
             prog.row([hj + g, h0 + g, moved + a], [1, -1, -1], -np.inf, 0)  # |h^j - h| <= moved
             prog.row([h0 + g, hj + g, moved + a], [1, -1, -1], -np.inf, 0)
@@ -201,7 +201,7 @@ def _departure_program(prog: _Program, cols, rest: Sequence[int], comp, net, w: 
 
 
 def _check_arguments(peers: Sequence[PeerSpec], keep: float, time_limit: float, groups: int, max_moves: int,
-                     departures) -> None:
+                     departures, max_peers: int) -> None:
     """:raises ValueError: naming the first argument of :func:`resilient_placement` that is out of range"""
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
@@ -209,6 +209,8 @@ def _check_arguments(peers: Sequence[PeerSpec], keep: float, time_limit: float, 
         raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
     if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
         raise ValueError(f"groups must be a positive whole number, got {groups!r}")
+    if isinstance(max_peers, bool) or not isinstance(max_peers, (int, np.integer)) or max_peers < 2:
+        raise ValueError(f"max_peers must be a whole number of at least 2, got {max_peers!r}")
     if max_moves not in (0, 1) or isinstance(max_moves, bool):
         raise ValueError(f"max_moves must be 0 or 1 (a plan of several moves needs an order), got {max_moves!r}")
     ids = [p.peer_id for p in peers]
@@ -224,7 +226,8 @@ def _check_arguments(peers: Sequence[PeerSpec], keep: float, time_limit: float, 
 
 def resilient_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: Placement, *, keep: float = 1.0,
                         time_limit: float = 60.0, groups: int = 24, max_moves: int = 1,
-                        departures: Optional[Sequence[Sequence[str]]] = None) -> ResilientResult:
+                        departures: Optional[Sequence[Sequence[str]]] = None,
+                        max_peers: int = RESILIENT_MAX_PEERS) -> ResilientResult:
     """A placement serving at least ``keep`` of the bound (or all that ``placement`` serves, if less: with the
     default ``keep = 1`` nothing is given up) from which each departure is repaired as well as possible by
     ``max_moves`` safe moves (the program in the module docstring; spans on a grid of about ``groups`` groups plus
@@ -232,7 +235,7 @@ def resilient_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: 
 
     :param placement: the swarm's throughput-first placement (``{peer_id: (start, end)}``, every peer that can
         hold a block; checked: ``ValueError`` if it is not a placement of ``peers``). It is returned unchanged,
-        with an empty ``restored``, when the swarm has more than ``RESILIENT_MAX_PEERS`` peers or fewer than 2
+        with an empty ``restored``, when the swarm has more than ``max_peers`` peers or fewer than 2
         that can hold a block, when ``placement`` or the swarm serves nothing (a block without a holder), when no
         departure leaves a swarm that can cover the model, or when HiGHS returns no solution; and it is returned
         with the program's ``restored`` when the program finds nothing better
@@ -244,31 +247,53 @@ def resilient_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: 
     :param departures: the departures to plan for, each a set (tuple, list) of peer ids leaving together (default:
         every single peer); ids not in the swarm are ignored and equal departures count once; each adds a flow
         program of the peers left, so the program grows with their number
+    :param max_peers: larger swarms are not planned (default ``RESILIENT_MAX_PEERS``; at 8 peers, planning for every
+        single departure, HiGHS improved on the given placement in none of 30 of the benchmark's swarms within a
+        minute). The program itself has no size
+        limit: with one departure known in advance it serves to measure what any placement could restore
+        (``sims/resilience_ceiling.py``)
     :raises ValueError: for a bad ``placement``, duplicate peer ids, or an argument out of the ranges above
     """
     t0 = time.time()
-    _check_arguments(peers, keep, time_limit, groups, max_moves, departures)
+    _check_arguments(peers, keep, time_limit, groups, max_moves, departures, max_peers)
     check_placement(peers, model, placement)
     placement = {pid: (int(s), int(e)) for pid, (s, e) in placement.items()}
-    result = _plan(peers, model, placement, keep, time_limit, groups, max_moves, departures)
+    result = _plan(peers, model, placement, keep, time_limit, groups, max_moves, departures, max_peers)
     result.seconds = time.time() - t0
     return result
 
 
 def _plan(peers: Sequence[PeerSpec], model: ModelSpec, placement: Placement, keep: float, time_limit: float,
-          groups: int, max_moves: int, departures) -> ResilientResult:
+          groups: int, max_moves: int, departures, max_peers: int) -> ResilientResult:
     """:func:`resilient_placement` after its checks (``placement``'s spans as integer pairs)."""
+    t0 = time.time()
     kept, comp, net = _peer_data(peers, model)
     n = len(kept)
     L = model.num_blocks
     base = max_flow(placed_peers(kept, model, placement), L, hop_penalty=0.0)
     result = ResilientResult(dict(placement), base.throughput)
-    if n < 2 or n > RESILIENT_MAX_PEERS or base.throughput <= 0:
+    if n < 2 or n > max_peers or base.throughput <= 0:
         return result
     bound = upper_bound(kept, model)
     if bound <= 0:
         return result
-    edges = grid_for(L, groups, keep=[v for span in placement.values() for v in span])
+    if departures is None:
+        departures = [(p.peer_id,) for p in kept]
+    known = {p.peer_id for p in kept}
+    chosen = []  # (leavers, remaining peers' indices, their bound, the given placement repaired by its best plan)
+    for gone in departures:
+        j = tuple(sorted({pid for pid in gone if pid in known}, key=str))
+        rest = [i for i in range(n) if kept[i].peer_id not in j]
+        if any(c[0] == j for c in chosen) or len(rest) == n or not rest:
+            continue
+        b_j = upper_bound([kept[i] for i in rest], model)
+        if b_j > 0:
+            chosen.append((j, rest, b_j, _repaired(kept, rest, model, placement, max_moves, time_limit, len(departures))))
+    if not chosen:
+        return result
+    ends = [v for span in placement.values() for v in span]
+    ends += [v for *_, repaired in chosen for span in repaired.values() for v in span]
+    edges = grid_for(L, groups, keep=ends)
     w = np.diff(edges).astype(np.float64)
     G = len(w)
     scale = max(float(max(c.max() for c in comp)), 1e-12)
@@ -280,41 +305,24 @@ def _plan(peers: Sequence[PeerSpec], model: ModelSpec, placement: Placement, kee
     prog.lb[0][0] = min(keep * big, base.throughput / scale) * (1 - 1e-6)
     cost_of: Dict[int, float] = {lam: -1e-3 / big}
     scenarios = []
-    hulls: List[Tuple[int, int, int]] = []  # (peer, hull, rise) first columns, every scenario
-    if departures is None:
-        departures = [(p.peer_id,) for p in kept]
-    known = {p.peer_id for p in kept}
-    seen = set()
-    for gone in departures:
-        j = tuple(sorted({pid for pid in gone if pid in known}, key=str))
-        rest = [i for i in range(n) if kept[i].peer_id not in j]
-        if j in seen or len(rest) == n or not rest:
-            continue
-        seen.add(j)
-        b_j = upper_bound([kept[i] for i in rest], model) / scale
-        if b_j <= 0:
-            continue
-        lam_j, cols_j, f = _departure_program(prog, cols, rest, comp, net, w, b_j, max_moves, hulls)
+    hulls: Dict[Tuple[str, ...], List[Tuple[int, int, int, int, int]]] = {}  # per departure: each peer's columns
+    for j, rest, b_j, repaired in chosen:
+        hulls[j] = []
+        lam_j, cols_j, f = _departure_program(prog, cols, rest, comp, net, w, b_j / scale, max_moves, hulls[j])
         cost_of[f] = -1.0
-        scenarios.append((j, rest, lam_j, cols_j, f, b_j))
-    if not scenarios:
-        return result
+        scenarios.append((j, rest, lam_j, cols_j, f, b_j / scale, repaired))
     cost = np.zeros(prog.ncol)
     for c, v in cost_of.items():
         cost[c] = v
     lb, ub, integer = np.concatenate(prog.lb), np.concatenate(prog.ub), np.concatenate(prog.integer)
-    x0 = np.zeros(prog.ncol)
-    _start(x0, base, kept, range(n), cols, lam, placement, edges, scale)
-    for j, rest, lam_j, cols_j, f, b_j in scenarios:
-        sol = max_flow(placed_peers([kept[i] for i in rest], model, placement), L, hop_penalty=0.0)
-        _start(x0, sol, kept, rest, cols_j, lam_j, placement, edges, scale)
-        x0[f] = min(1.0, x0[lam_j] / b_j)
-    for i, hull, rise in hulls:  # no one moves: each hull is the peer's own span
-        a, b = np.searchsorted(edges, placement[kept[i].peer_id])
-        x0[hull + a:hull + b] = 1.0
-        x0[rise + a] = 1.0
+    a_mat, lo, hi = prog.matrix(), np.array(prog.lo), np.array(prog.hi)
+    x0 = _incumbent(prog.ncol, base, kept, model, cols, lam, placement, edges, scale, scenarios, hulls, True)
     x0 = np.clip(x0, lb, ub)
-    res = _run(cost, integer, lb, ub, prog.matrix(), np.array(prog.lo), np.array(prog.hi), time_limit, 1e-4, x0)
+    if not _feasible(a_mat, lo, hi, x0):  # a repair the program cannot express: start from no moves
+        x0 = np.clip(_incumbent(prog.ncol, base, kept, model, cols, lam, placement, edges, scale, scenarios, hulls,
+                                False), lb, ub)
+    left = max(time_limit - (time.time() - t0), 0.1)
+    res = _run(cost, integer, lb, ub, a_mat, lo, hi, left, 1e-4, x0)
     if res.x is None:
         return result
     new: Placement = {}
@@ -326,5 +334,53 @@ def _plan(peers: Sequence[PeerSpec], model: ModelSpec, placement: Placement, kee
         return result
     result.placement, result.static, result.changed = new, static, new != dict(placement)
     result.optimal = res.status == 0
-    result.restored = {j: float(min(1.0, max(0.0, res.x[f]))) for j, _, _, _, f, _ in scenarios}
+    result.restored = {j: float(min(1.0, max(0.0, res.x[f]))) for j, _, _, _, f, _, _ in scenarios}
     return result
+
+
+def _repaired(kept: Sequence[PeerSpec], rest: Sequence[int], model: ModelSpec, placement: Placement, max_moves: int,
+              time_limit: float, count: int) -> Placement:
+    """The placement of the peers ``rest`` after the best plan of at most ``max_moves`` moves from ``placement``
+    (:func:`partitioner.rebalance.milp_plan`, a share of ``time_limit`` for each of ``count`` departures): the
+    program's incumbent for that departure, so that the placement it returns is kept only if it is repaired
+    better than the given one is."""
+    from .rebalance import milp_plan
+
+    spec = [kept[i] for i in rest]
+    start = {p.peer_id: placement[p.peer_id] for p in spec}
+    if not max_moves:
+        return start
+    plan = milp_plan(start, spec, model, max_moves, time_limit=min(5.0, time_limit / (4.0 * count)))
+    return plan.apply(start) if len(plan.moves) <= max_moves else start
+
+
+def _incumbent(ncol: int, base, kept, model: ModelSpec, cols, lam: int, placement: Placement, edges: np.ndarray,
+               scale: float, scenarios, hulls, repair: bool) -> np.ndarray:
+    """The program's first incumbent: ``placement`` routed by its max flow ``base``, and for each departure the
+    peers left, repaired (with ``repair``: by the departure's plan, its mover marked as moved and its hull spanning
+    both of its spans; else unmoved), routed by their max flow."""
+    L = model.num_blocks
+    x0 = np.zeros(ncol)
+    _start(x0, base, kept, range(len(kept)), cols, lam, placement, edges, scale)
+    for j, rest, lam_j, cols_j, f, b_j, repaired in scenarios:
+        after = repaired if repair else {kept[i].peer_id: placement[kept[i].peer_id] for i in rest}
+        sol = max_flow(placed_peers([kept[i] for i in rest], model, after), L, hop_penalty=0.0)
+        _start(x0, sol, kept, rest, cols_j, lam_j, after, edges, scale)
+        x0[f] = min(1.0, x0[lam_j] / b_j)
+        for i, hull, rise, moved, via in hulls[j]:
+            old, new = placement[kept[i].peer_id], after[kept[i].peer_id]
+            s, e = min(old[0], new[0]), max(old[1], new[1])
+            a, b = np.searchsorted(edges, [s, e])
+            x0[hull + a:hull + b] = 1.0
+            x0[rise + a] = 1.0
+            if new != old:
+                x0[moved] = 1.0
+                x0[via] = 1.0 if e - s <= max_blocks(kept[i], model) else 0.0  # make before break if it fits
+    return x0
+
+
+def _feasible(a_mat, lo: np.ndarray, hi: np.ndarray, x: np.ndarray, tol: float = 1e-7) -> bool:
+    """Whether ``x`` satisfies ``lo <= a_mat x <= hi`` (up to ``tol`` relative to each row's scale)."""
+    act = a_mat @ x
+    slack = tol * (1.0 + np.abs(act))
+    return bool(np.all(act >= lo - slack) and np.all(act <= hi + slack))

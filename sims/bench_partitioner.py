@@ -77,31 +77,25 @@ def _pct(values, q):
     return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
-def one_swarm(size: int, index: int, seed: int, petals_rebalance_max: int, milp_time: float = MILP_TIME,
-              improve_time: float = IMPROVE_TIME) -> Tuple[Dict, Optional[Dict]]:
-    """Swarm number ``index`` of ``size`` peers (its own random stream, so swarms can be run in any order or in
-    parallel): its static row, and its rebalancing row (None above ``REBALANCE_MAX`` peers)."""
-    rng = np.random.default_rng([seed, size, index])
-    exact = True
-    swarm = make_swarm(rng, size)
-    model = swarm.model
-    t_static = time.time()
-    r = evaluate_swarm(swarm, rng, exact, exact_petals_flow=size <= PETALS_FLOW_EXACT_MAX, milp_time=milp_time,
-                       improve_time=improve_time)
-    t_static = time.time() - t_static
-    row = dict(bound=r.bound, loose_bound=r.loose_bound, ours=r.ours, petals=r.petals, petals_flow=r.petals_flow,
-               L=model.num_blocks, seconds=t_static)
-    # rebalancing after 20% leave (our placement and Petals' own), same leavers for both
-    if size > REBALANCE_MAX:
-        return row, None
-    ours_pl = r.ours_placement
+def leavers(swarm, rng: np.random.Generator) -> set:
+    """The benchmark's departure: 20% of the swarm's peers (rounded, at least one) drawn from ``rng``; their ids."""
+    size = len(swarm.peers)
     n_leave = max(1, int(round(0.2 * size)))
-    leave = set(str(swarm.peers[i].peer_id) for i in rng.choice(size, n_leave, replace=False))
+    return set(str(swarm.peers[i].peer_id) for i in rng.choice(size, n_leave, replace=False))
+
+
+def our_rebalance(swarm, placement, leave: set, milp_time: float = MILP_TIME) -> Dict:
+    """Our rebalancing plan after the peers ``leave`` left a swarm placed by ``placement``, measured: a dict with
+    ``coverable`` (False, and nothing else, when the peers left cannot hold the model), ``new_bound``,
+    ``loose_new_bound``, ``before`` and ``after`` (tokens/s served before and after the plan), ``moved``,
+    ``remaining``, ``unsafe_blocks`` (blocks some intermediate step leaves unserved), ``plan_s`` and
+    ``budget_bound`` (:attr:`partitioner.rebalance.RebalancePlan.budget_bound`)."""
+    size, model, exact = len(swarm.peers), swarm.model, True
     keep = [p for p in swarm.peers if p.peer_id not in leave]
     new_bound = upper_bound(keep, model)
     if new_bound <= 0:
-        return row, dict(coverable=False)
-    rest = {p.peer_id: ours_pl[p.peer_id] for p in keep}
+        return dict(coverable=False)
+    rest = {p.peer_id: placement[p.peer_id] for p in keep}
     before = ours_throughput(keep, model, rest, exact)
     t = time.time()
     # small swarms: the plan scores its candidate moves with the max-flow evaluator
@@ -120,9 +114,33 @@ def one_swarm(size: int, index: int, seed: int, petals_rebalance_max: int, milp_
     if milp_time > 0 and len(keep) <= MILP_MAX_PEERS:
         new_bound = upper_bound(keep, model, milp_time_limit=milp_time, milp_max_peers=MILP_MAX_PEERS,
                                 milp_lower=after)
-    reb = dict(coverable=True, new_bound=new_bound, loose_new_bound=loose_new_bound, before=before, after=after,
-               moved=len(plan.moves), remaining=len(keep), unsafe_blocks=len(unsafe), plan_s=plan_s,
-               budget_bound=plan.budget_bound)
+    return dict(coverable=True, new_bound=new_bound, loose_new_bound=loose_new_bound, before=before, after=after,
+                moved=len(plan.moves), remaining=len(keep), unsafe_blocks=len(unsafe), plan_s=plan_s,
+                budget_bound=plan.budget_bound)
+
+
+def one_swarm(size: int, index: int, seed: int, petals_rebalance_max: int, milp_time: float = MILP_TIME,
+              improve_time: float = IMPROVE_TIME) -> Tuple[Dict, Optional[Dict]]:
+    """Swarm number ``index`` of ``size`` peers (its own random stream, so swarms can be run in any order or in
+    parallel): its static row, and its rebalancing row (None above ``REBALANCE_MAX`` peers)."""
+    rng = np.random.default_rng([seed, size, index])
+    exact = True
+    swarm = make_swarm(rng, size)
+    model = swarm.model
+    t_static = time.time()
+    r = evaluate_swarm(swarm, rng, exact, exact_petals_flow=size <= PETALS_FLOW_EXACT_MAX, milp_time=milp_time,
+                       improve_time=improve_time)
+    t_static = time.time() - t_static
+    row = dict(bound=r.bound, loose_bound=r.loose_bound, ours=r.ours, petals=r.petals, petals_flow=r.petals_flow,
+               L=model.num_blocks, seconds=t_static)
+    # rebalancing after 20% leave (our placement and Petals' own), same leavers for both
+    if size > REBALANCE_MAX:
+        return row, None
+    leave = leavers(swarm, rng)
+    keep = [p for p in swarm.peers if p.peer_id not in leave]
+    reb = our_rebalance(swarm, r.ours_placement, leave, milp_time)
+    if not reb["coverable"]:
+        return row, reb
     if size <= petals_rebalance_max:
         pp = r.petals_placement
         prest = {p.peer_id: pp[p.peer_id] for p in keep}

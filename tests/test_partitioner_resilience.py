@@ -75,7 +75,8 @@ def test_resilient_placement_refuses_bad_arguments_and_leaves_big_swarms_alone()
     with pytest.raises(ValueError, match="keep"):
         resilient_placement(swarm.peers, swarm.model, some, keep=0)
     bad = [dict(keep=float("nan")), dict(time_limit=float("nan")), dict(time_limit=-1), dict(groups=0),
-           dict(groups=2.5), dict(max_moves=2), dict(max_moves=-1), dict(departures="p0"), dict(departures=["p0"])]
+           dict(groups=2.5), dict(max_moves=2), dict(max_moves=-1), dict(departures="p0"), dict(departures=["p0"]),
+           dict(max_peers=1), dict(max_peers=True), dict(max_peers=2.5)]
     for kwargs in bad:
         with pytest.raises(ValueError):
             resilient_placement(swarm.peers, swarm.model, some, **kwargs)
@@ -90,6 +91,10 @@ def test_resilient_placement_refuses_bad_arguments_and_leaves_big_swarms_alone()
     pl = {p.peer_id: pl.get(p.peer_id, (0, 1)) for p in big.peers}
     res = resilient_placement(big.peers, big.model, pl, time_limit=5)
     assert not res.changed and res.placement == pl and res.restored == {}
+    # max_peers lifts the limit: one known departure of two peers is then planned for
+    gone = tuple(sorted(p.peer_id for p in big.peers[:2]))
+    res = resilient_placement(big.peers, big.model, pl, time_limit=5, departures=[gone], max_peers=8)
+    assert set(res.restored) == {gone} and res.static >= _flow(big.peers, big.model, pl) * (1 - 1e-6)
 
 
 def test_departures_of_several_peers_are_planned_for_as_given():
@@ -143,3 +148,14 @@ def test_by_default_nothing_of_the_given_placement_is_given_up_and_departures_ar
     assert set(res.restored) == {(ids[0],), (ids[1],)}
     assert all(0.0 <= v <= 1.0 for v in res.restored.values())
     assert res.changed == (res.placement != best)
+
+
+def test_departures_are_planned_from_the_given_placements_own_repair(swarm_and_placements):
+    # the program starts from the given placement repaired by its best plan, so what it returns is repaired at
+    # least as well in sum, even when the time limit leaves no room to search (the start alone)
+    swarm, best, _ = swarm_and_placements
+    res = resilient_placement(swarm.peers, swarm.model, best, time_limit=0.01)
+    given = {(p.peer_id,): _repaired(swarm.peers, swarm.model, best, p.peer_id)[0] for p in swarm.peers}
+    assert set(res.restored) == set(given)
+    assert sum(given.values()) > 0
+    assert sum(res.restored.values()) >= sum(min(1.0, g) for g in given.values()) - 1e-4

@@ -59,3 +59,24 @@ def test_bench_progress_line_leaves_out_figures_a_size_does_not_have():
     assert "(p10 0.500; 2 of 3 swarms left out: their remaining peers cannot hold the model)" in line, line
     line = progress_line(8, dict(s, reb_budget_bound_med=0.71, ours_loose_med=0.85), 12.0)
     assert "the best plan within the move budget serves <= 0.710" in line and "0.850 of the bound before" in line
+
+
+def test_resilience_ceiling_measures_the_benchmarks_swarms_with_foreknowledge(tmp_path, capsys):
+    # sims.resilience_ceiling: the benchmark's swarms and leavers; the placement planned for the one departure that
+    # then happens keeps its share of the bound, and the benchmark's plan from it stays safe and within one move
+    import json
+
+    from sims import resilience_ceiling
+
+    resilience_ceiling.main(["--size", "4", "--count", "2", "--time", "1", "--improve-time", "1", "--keep", "0.9",
+                             "--jobs", "1", "--out", str(tmp_path)])
+    assert "| knew, keep 0.9 |" in capsys.readouterr().out
+    out = json.loads((tmp_path / "resilience_ceiling.json").read_text())
+    covered = [s for s in out["swarms"] if s["rows"]["ours"]["coverable"]]
+    assert covered and out["summary"][1]["swarms"] == len(covered)
+    for s in covered:
+        knew = s["rows"]["knew, keep 0.9"]
+        assert len(s["leave"]) == 1
+        assert knew["static"] >= min(0.9 * s["bound"], s["ours"]) * (1 - 1e-6)
+        assert knew["moved"] <= 1 and knew["unsafe_blocks"] == 0
+        assert 0 <= knew["after"] <= knew["new_bound"] * (1 + 1e-6)
