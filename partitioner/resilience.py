@@ -24,9 +24,12 @@ other peers of ``R_j`` (a plain move), or the hull of its old and new spans fits
     subject to lam >= keep_lam                          (the static throughput kept)
 
 ``B`` is the swarm's bound and ``keep_lam = min(keep B, lam of the given placement)``. Blocks are taken in groups
-(:func:`partitioner.milp.grid_for`, including the given placement's span ends), a restriction: every solution is
-a real placement with real plans. The given placement, with no moves and its own max flows, is the first
-incumbent, so the result never does worse than it in the program's objective. Sizes: 4 peers and 24 groups,
+(:func:`partitioner.milp.grid_for`, including the span ends of the given placement and of its repairs below), a
+restriction: every solution is a real placement with real plans. The first incumbent is the given placement, and
+for each departure the given placement repaired by its best plan of ``max_moves`` moves
+(:func:`partitioner.rebalance.milp_plan`), each routed by its max flow; so a placement returned is repaired at
+least as well as the given one in the program's objective (if a repair is one the program cannot express, the
+incumbent has no moves instead). Sizes: 4 peers and 24 groups,
 about 2,500 variables; HiGHS finds good incumbents within a minute on the benchmark's swarms.
 
 This is two-stage stochastic programming (scenario decomposition, Birge and Louveaux, "Introduction to
@@ -248,8 +251,8 @@ def resilient_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: 
         every single peer); ids not in the swarm are ignored and equal departures count once; each adds a flow
         program of the peers left, so the program grows with their number
     :param max_peers: larger swarms are not planned (default ``RESILIENT_MAX_PEERS``; at 8 peers, planning for every
-        single departure, HiGHS improved on the given placement in none of 30 of the benchmark's swarms within a
-        minute). The program itself has no size
+        single departure, HiGHS changed the given placement in none of 30 of the benchmark's swarms within a minute,
+        in a trial before the program started from each departure's repair). The program itself has no size
         limit: with one departure known in advance it serves to measure what any placement could restore
         (``sims/resilience_ceiling.py``)
     :raises ValueError: for a bad ``placement``, duplicate peer ids, or an argument out of the ranges above

@@ -106,8 +106,9 @@ RESILIENT_MAX_PEERS = 6  # swarms up to this size then place for recovering from
 # (partitioner.resilience), given the same time as the improvement above; the benchmark's departures are single ones
 # up to this size (20% of the peers, rounded)
 RESILIENT_KEEP = 1.0  # ... keeping at least this share of the bound, or all the placement above serves if less: 1.0
-# gives up nothing (make bench-partitioner, 4 peers: after one leaves, median 0.774 -> 0.957 of the new bound with
-# 1.0; 0.979 with 0.9, which lowered the static 10th percentile to 0.918 and fell below Petals in one swarm)
+# gives up nothing (make bench-partitioner, 4 peers: after one leaves, median 0.774 -> 0.978 of the new bound with
+# 1.0; with 0.9, in a run before the program started from each departure's best repair, 0.979, which lowered the
+# static 10th percentile to 0.918 and fell below Petals in one swarm)
 
 
 @dataclass
