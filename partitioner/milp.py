@@ -348,6 +348,8 @@ def solve(peers: Sequence[PeerSpec], model: ModelSpec, *, time_limit: float = 10
         value = float(res.x[0]) * scale
         if rebalance:
             moved = tuple(pid for pid in ids if placement.get(pid) != tuple(current[pid]))
+        if not placement or value <= 0:  # a trivial incumbent (no span, nothing served) is no placement
+            placement, value, moved = None, 0.0, ()
     gap = float(getattr(res, "mip_gap", float("nan")) or float("nan"))
     if not exact and not relax:
         bound = float("inf")

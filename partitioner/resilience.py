@@ -29,8 +29,8 @@ restriction: every solution is a real placement with real plans. The first incum
 for each departure the given placement repaired by its best plan of ``max_moves`` moves
 (:func:`partitioner.rebalance.milp_plan`), each routed by its max flow; so a placement returned is repaired at
 least as well as the given one in the program's objective (if a repair is one the program cannot express, the
-incumbent has no moves instead). Sizes: 4 peers and 24 groups,
-about 2,500 variables; HiGHS finds good incumbents within a minute on the benchmark's swarms.
+incumbent has no moves instead). Sizes: 4 peers and 24 groups, about 2,500 variables; HiGHS finds good incumbents
+within a minute on the benchmark's swarms.
 
 This is two-stage stochastic programming (scenario decomposition, Birge and Louveaux, "Introduction to
 Stochastic Programming") applied to the placement MILP; Petals and Helix place for the current peers only.
@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -203,18 +203,24 @@ def _departure_program(prog: _Program, cols, rest: Sequence[int], comp, net, w: 
     return lam_j, cols_j, f
 
 
-def _check_arguments(peers: Sequence[PeerSpec], keep: float, time_limit: float, groups: int, max_moves: int,
-                     departures, max_peers: int) -> None:
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _check_arguments(peers: Sequence[PeerSpec], placement, keep: float, time_limit: float, groups: int,
+                     max_moves: int, departures, max_peers: int) -> None:
     """:raises ValueError: naming the first argument of :func:`resilient_placement` that is out of range"""
-    if not 0 < keep <= 1:
-        raise ValueError(f"keep must be in (0, 1], got {keep}")
-    if not (isinstance(time_limit, (int, float)) and math.isfinite(time_limit) and time_limit > 0):
+    if not isinstance(placement, Mapping):
+        raise ValueError(f"placement must map peer ids to (start, end) spans, got {type(placement).__name__}")
+    if not (_is_number(keep) and 0 < keep <= 1):
+        raise ValueError(f"keep must be a number in (0, 1], got {keep!r}")
+    if not (_is_number(time_limit) and math.isfinite(time_limit) and time_limit > 0):
         raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
     if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
         raise ValueError(f"groups must be a positive whole number, got {groups!r}")
     if isinstance(max_peers, bool) or not isinstance(max_peers, (int, np.integer)) or max_peers < 2:
         raise ValueError(f"max_peers must be a whole number of at least 2, got {max_peers!r}")
-    if max_moves not in (0, 1) or isinstance(max_moves, bool):
+    if isinstance(max_moves, bool) or not isinstance(max_moves, (int, np.integer)) or max_moves not in (0, 1):
         raise ValueError(f"max_moves must be 0 or 1 (a plan of several moves needs an order), got {max_moves!r}")
     ids = [p.peer_id for p in peers]
     if len(set(ids)) != len(ids):
@@ -243,7 +249,9 @@ def resilient_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: 
         departure leaves a swarm that can cover the model, or when HiGHS returns no solution; and it is returned
         with the program's ``restored`` when the program finds nothing better
     :param keep: fraction of the bound (:func:`partitioner.bound.upper_bound`) the placement must still serve
-    :param time_limit: seconds for HiGHS (positive)
+    :param time_limit: seconds of solver time (positive): each departure's repair plan gets at most half of its
+        share (5 s at most), the program the rest (at least 0.1 s). Each departure's bound and max flows come on top
+        (about 0.3-0.6 s each at 8 peers), so with many departures the call takes longer than ``time_limit``
     :param groups: about this many groups of blocks on the grid (a positive whole number)
     :param max_moves: moves allowed after a departure: 0 or 1 (with several, each move's safety would depend on
         the order of the moves, which the program does not model)
@@ -258,7 +266,13 @@ def resilient_placement(peers: Sequence[PeerSpec], model: ModelSpec, placement: 
     :raises ValueError: for a bad ``placement``, duplicate peer ids, or an argument out of the ranges above
     """
     t0 = time.time()
-    _check_arguments(peers, keep, time_limit, groups, max_moves, departures, max_peers)
+    if departures is not None and not isinstance(departures, (str, bytes)):
+        try:
+            departures = [d if isinstance(d, (str, bytes)) or not hasattr(d, "__iter__") else tuple(d)
+                          for d in departures]  # read once: an iterator would be used up by the checks
+        except TypeError:
+            raise ValueError(f"departures must be a list of sets of peer ids, got {departures!r}") from None
+    _check_arguments(peers, placement, keep, time_limit, groups, max_moves, departures, max_peers)
     check_placement(peers, model, placement)
     placement = {pid: (int(s), int(e)) for pid, (s, e) in placement.items()}
     result = _plan(peers, model, placement, keep, time_limit, groups, max_moves, departures, max_peers)
@@ -291,7 +305,8 @@ def _plan(peers: Sequence[PeerSpec], model: ModelSpec, placement: Placement, kee
             continue
         b_j = upper_bound([kept[i] for i in rest], model)
         if b_j > 0:
-            chosen.append((j, rest, b_j, _repaired(kept, rest, model, placement, max_moves, time_limit, len(departures))))
+            repaired = _repaired(kept, rest, model, placement, max_moves, time_limit, len(departures))
+            chosen.append((j, rest, b_j, repaired))
     if not chosen:
         return result
     ends = [v for span in placement.values() for v in span]
@@ -344,7 +359,7 @@ def _plan(peers: Sequence[PeerSpec], model: ModelSpec, placement: Placement, kee
 def _repaired(kept: Sequence[PeerSpec], rest: Sequence[int], model: ModelSpec, placement: Placement, max_moves: int,
               time_limit: float, count: int) -> Placement:
     """The placement of the peers ``rest`` after the best plan of at most ``max_moves`` moves from ``placement``
-    (:func:`partitioner.rebalance.milp_plan`, a share of ``time_limit`` for each of ``count`` departures): the
+    (:func:`partitioner.rebalance.milp_plan`, half of ``time_limit``'s share for each of ``count`` departures): the
     program's incumbent for that departure, so that the placement it returns is kept only if it is repaired
     better than the given one is."""
     from .rebalance import milp_plan
@@ -353,7 +368,7 @@ def _repaired(kept: Sequence[PeerSpec], rest: Sequence[int], model: ModelSpec, p
     start = {p.peer_id: placement[p.peer_id] for p in spec}
     if not max_moves:
         return start
-    plan = milp_plan(start, spec, model, max_moves, time_limit=min(5.0, time_limit / (4.0 * count)))
+    plan = milp_plan(start, spec, model, max_moves, time_limit=min(5.0, time_limit / (2.0 * count)))
     return plan.apply(start) if len(plan.moves) <= max_moves else start
 
 

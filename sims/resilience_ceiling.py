@@ -1,5 +1,7 @@
-"""What a placement could restore after peers leave if it knew in advance which ones: ``python -m
-sims.resilience_ceiling``.
+"""What a placement that knew in advance which peers would leave restores after they leave.
+
+Run: ``python -m sims.resilience_ceiling`` (the defaults, 32 swarms of 8 peers, take about 32 x 5 core-minutes: one
+process per core; ``--count``, ``--time`` and ``--improve-time`` make it shorter).
 
 The benchmark's rebalancing row (:mod:`sims.bench_partitioner`: 20% of the peers leave at random, then our plan
 moves at most 30% of those left) depends on the placement the swarm had before. A placement cannot know who will
@@ -11,15 +13,18 @@ less), and the benchmark's own rebalancing plan (:func:`sims.bench_partitioner.o
 departure leaves. The program is time-limited and restricted to a grid of blocks, so the figures are what
 ``--time`` seconds of HiGHS find, not a proof; the placement is kept only where the program finds a better one.
 
-Prints, per row ("ours": the benchmark's placement; "knew, keep K": planned with foreknowledge): the median and
-10th percentile of ours / bound, the median fraction of the new bound after the plan, how many swarms reach 0.9 of
-it, and the most peers moved; writes every swarm's figures to ``out/resilience_ceiling.json``.
+Prints a line per swarm as it finishes, then a table with a row per placement ("ours": the benchmark's placement;
+"knew, keep K": planned with foreknowledge): the median and 10th percentile of ours / bound and of the fraction of
+the new bound after the plan, how many swarms reach 0.9 of it, in how many the placement changed, the most peers
+moved, and how many plans leave a block unserved mid-way; writes every swarm's figures to
+``out/resilience_ceiling.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from typing import Dict, List
@@ -75,48 +80,104 @@ def summarize(swarms: List[Dict]) -> List[Dict]:
     return lines
 
 
+def _keeps(text: str) -> List[float]:
+    """``--keep``: comma-separated numbers in (0, 1]."""
+    try:
+        keeps = [float(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    if not keeps or not all(0 < k <= 1 for k in keeps):
+        raise argparse.ArgumentTypeError(f"every share must be in (0, 1], got {text!r}")
+    return keeps
+
+
+def _number(low: float, strict: bool):
+    """An argparse type: a finite number above ``low`` (``strict``) or at least ``low``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {low:g}, got {text}")
+        return value
+    return parse
+
+
+def _whole(low: int):
+    """An argparse type: a whole number of at least ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", type=int, default=8, help="peers per swarm (default 8)")
-    ap.add_argument("--count", type=int, default=32, help="swarms (the benchmark's first ones; default 32)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--keep", default="0.95,0.9",
+    ap.add_argument("--size", type=_whole(2), default=8, help="peers per swarm (default 8)")
+    ap.add_argument("--count", type=_whole(1), default=32, help="swarms (the benchmark's first ones; default 32)")
+    ap.add_argument("--seed", type=int, default=0, help="the benchmark's seed (default 0, as make bench-partitioner)")
+    ap.add_argument("--keep", type=_keeps, default=[0.95, 0.9],
                     help="comma-separated shares of the bound the foreknowing placement must keep (default 0.95,0.9)")
-    ap.add_argument("--time", type=float, default=120.0, help="seconds of HiGHS per placement (default 120)")
-    ap.add_argument("--improve-time", type=float, default=IMPROVE_TIME,
+    ap.add_argument("--time", type=_number(0, True), default=120.0,
+                    help="seconds of solver time per foreknowing placement: its repair plan, then HiGHS (default 120)")
+    ap.add_argument("--improve-time", type=_number(0, False), default=IMPROVE_TIME,
                     help=f"as in sims.bench_partitioner (default {IMPROVE_TIME:g})")
-    ap.add_argument("--milp-time", type=float, default=MILP_TIME,
+    ap.add_argument("--milp-time", type=_number(0, False), default=MILP_TIME,
                     help=f"as in sims.bench_partitioner (default {MILP_TIME:g})")
-    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes (default: one per core)")
-    ap.add_argument("--out", default="out")
+    ap.add_argument("--jobs", type=_whole(1), default=os.cpu_count() or 1,
+                    help="processes (default: one per core)")
+    ap.add_argument("--out", default="out", help="folder for resilience_ceiling.json (default out)")
     args = ap.parse_args(argv)
-    keeps = [float(k) for k in args.keep.split(",") if k]
-    if args.size < 2 or args.count < 1 or args.time <= 0 or not all(0 < k <= 1 for k in keeps):
-        ap.error("need --size >= 2, --count >= 1, --time > 0 and every --keep in (0, 1]")
+    keeps = args.keep
+    path = os.path.join(args.out, "resilience_ceiling.json")
+    try:  # before the work, so that a bad --out loses nothing
+        os.makedirs(args.out, exist_ok=True)
+        open(path, "a").close()
+    except OSError as e:
+        ap.error(f"--out {args.out}: {e.strerror or e}")
     t0 = time.time()
     tasks = [(args.size, i, args.seed, keeps, args.time, args.improve_time, args.milp_time) for i in range(args.count)]
     print(f"{args.count} swarms of {args.size} peers, {len(keeps)} foreknowing placements of up to {args.time:g} s "
           f"each, on {args.jobs} processes", flush=True)
+    swarms = []
+
+    def done(swarm: Dict) -> None:
+        swarms.append(swarm)
+        rows = swarm["rows"]
+        figures = ", ".join(f"{name} {r['after'] / r['new_bound']:.3f}" for name, r in rows.items()
+                            if r.get("coverable"))
+        print(f"[{len(swarms)}/{args.count}, {time.time() - t0:.0f} s] swarm {swarm['index']}: "
+              f"{figures or 'the peers left cannot hold the model'}", flush=True)
+
     if args.jobs > 1:
         import multiprocessing
 
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-            swarms = pool.map(_one, tasks, chunksize=1)
+            for swarm in pool.imap_unordered(_one, tasks, chunksize=1):
+                done(swarm)
     else:
-        swarms = [_one(t) for t in tasks]
+        for t in tasks:
+            done(_one(t))
+    swarms.sort(key=lambda sw: sw["index"])
     lines = summarize(swarms)
     cov = lines[0]["swarms"] if lines else 0
-    print(f"{cov} of {args.count} swarms can still hold the model after {max(1, round(0.2 * args.size))} leave; "
-          f"{lines[0]['remaining'] if lines else 0} peers left; {time.time() - t0:.0f} s")
+    n_leave = max(1, round(0.2 * args.size))
+    print(f"{cov} of {args.count} swarms can still hold the model after {n_leave} of {args.size} leave; "
+          f"{time.time() - t0:.0f} s")
     print("| placement | ours / bound med (p10) | after the plan, of the new bound: med (p10) | reach 0.9 | "
-          "changed | moved (max) | unsafe plans |")
+          "changed | moved (max) | unserved mid-way |")
     print("|---|---|---|---|---|---|---|")
     for ln in lines:
         print(f"| {ln['row']} | {ln['static_med']:.3f} ({ln['static_p10']:.3f}) | {ln['after_med']:.3f} "
               f"({ln['after_p10']:.3f}) | {ln['reach_09']} of {ln['swarms']} | {ln['changed']} | "
               f"{ln['moved_max']} of {ln['remaining']} | {ln['unsafe']} |")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "resilience_ceiling.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump(dict(args=vars(args), summary=lines, swarms=swarms), f, indent=1)
 
 

@@ -242,3 +242,14 @@ def test_improve_placement_returns_at_once_when_memory_cannot_hold_the_model():
     for full_max_peers in (8, 1):  # whole program, and the neighbourhood search
         pl, res = improve_placement(few, model, start, time_limit=30, full_max_peers=full_max_peers)
         assert pl == start and res.status == 2 and res.bound == 0.0 and res.seconds < 5
+
+
+def test_an_incumbent_that_serves_nothing_is_no_placement():
+    # in this swarm HiGHS's first incumbent within a short time is the trivial one (no span, nothing served): it
+    # used to come back as the placement {}, which callers then passed on as a placement of no peer
+    from sims.scale.swarmgen import make_swarm
+
+    swarm = make_swarm(np.random.default_rng(13), 5, num_blocks=40)
+    res = solve(swarm.peers, swarm.model, time_limit=0.05)
+    assert res.placement is None or (res.placement and res.value > 0)
+    assert res.placement is not None or res.value == 0.0

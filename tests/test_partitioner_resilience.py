@@ -76,10 +76,13 @@ def test_resilient_placement_refuses_bad_arguments_and_leaves_big_swarms_alone()
         resilient_placement(swarm.peers, swarm.model, some, keep=0)
     bad = [dict(keep=float("nan")), dict(time_limit=float("nan")), dict(time_limit=-1), dict(groups=0),
            dict(groups=2.5), dict(max_moves=2), dict(max_moves=-1), dict(departures="p0"), dict(departures=["p0"]),
-           dict(max_peers=1), dict(max_peers=True), dict(max_peers=2.5)]
+           dict(max_peers=1), dict(max_peers=True), dict(max_peers=2.5), dict(keep="0.9"), dict(keep=None),
+           dict(keep=True), dict(time_limit=True), dict(max_moves=1.0), dict(departures=5)]
     for kwargs in bad:
         with pytest.raises(ValueError):
             resilient_placement(swarm.peers, swarm.model, some, **kwargs)
+    with pytest.raises(ValueError, match="placement must map"):
+        resilient_placement(swarm.peers, swarm.model, None)
     with pytest.raises(ValueError, match="share a peer id"):
         resilient_placement(swarm.peers + swarm.peers[:1], swarm.model, some)
     with pytest.raises(ValueError, match="whole blocks"):
@@ -159,3 +162,12 @@ def test_departures_are_planned_from_the_given_placements_own_repair(swarm_and_p
     assert set(res.restored) == set(given)
     assert sum(given.values()) > 0
     assert sum(res.restored.values()) >= sum(min(1.0, g) for g in given.values()) - 1e-4
+
+
+def test_departures_may_come_from_an_iterator():
+    # a generator used to be used up by the argument checks, and nothing was planned
+    swarm = make_swarm(np.random.default_rng(8), 4, num_blocks=12)
+    best = best_placement(swarm.peers, swarm.model, time_limit=10).placement
+    ids = [p.peer_id for p in swarm.peers]
+    res = resilient_placement(swarm.peers, swarm.model, best, time_limit=2, departures=((i,) for i in ids[:2]))
+    assert set(res.restored) == {(ids[0],), (ids[1],)}

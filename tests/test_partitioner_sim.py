@@ -1,6 +1,7 @@
 """The swarm-scale simulator runs the partitioner end to end (small, fast cases)."""
 
 import numpy as np
+import pytest
 
 from partitioner.bound import upper_bound
 from partitioner.cost import max_blocks
@@ -80,3 +81,16 @@ def test_resilience_ceiling_measures_the_benchmarks_swarms_with_foreknowledge(tm
         assert knew["static"] >= min(0.9 * s["bound"], s["ours"]) * (1 - 1e-6)
         assert knew["moved"] <= 1 and knew["unsafe_blocks"] == 0
         assert 0 <= knew["after"] <= knew["new_bound"] * (1 + 1e-6)
+
+
+def test_resilience_ceiling_refuses_bad_arguments_before_any_work(tmp_path, capsys):
+    from sims import resilience_ceiling
+
+    afile = tmp_path / "a_file"
+    afile.write_text("")
+    for bad in (["--keep", "abc"], ["--keep", "0"], ["--keep", "1.5"], ["--time", "nan"], ["--time", "0"],
+                ["--jobs", "0"], ["--size", "1"], ["--count", "0"], ["--milp-time", "-1"], ["--out", str(afile)]):
+        with pytest.raises(SystemExit) as e:
+            resilience_ceiling.main(bad)
+        assert e.value.code == 2, bad
+        assert "error:" in capsys.readouterr().err
