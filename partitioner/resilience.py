@@ -49,6 +49,7 @@ from .bound import upper_bound
 from .cost import ModelSpec, PeerSpec, max_blocks
 from .flow import max_flow, placed_peers
 from .milp import Placement, _peer_data, _run, check_placement, grid_for
+from .rebalance import milp_plan
 
 RESILIENT_MAX_PEERS = 6  # the program grows with peers x departures; beyond this it is not attempted by default
 
@@ -207,6 +208,10 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
+def _is_whole(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _check_arguments(peers: Sequence[PeerSpec], placement, keep: float, time_limit: float, groups: int,
                      max_moves: int, departures, max_peers: int) -> None:
     """:raises ValueError: naming the first argument of :func:`resilient_placement` that is out of range"""
@@ -216,11 +221,11 @@ def _check_arguments(peers: Sequence[PeerSpec], placement, keep: float, time_lim
         raise ValueError(f"keep must be a number in (0, 1], got {keep!r}")
     if not (_is_number(time_limit) and math.isfinite(time_limit) and time_limit > 0):
         raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
-    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+    if not _is_whole(groups) or groups < 1:
         raise ValueError(f"groups must be a positive whole number, got {groups!r}")
-    if isinstance(max_peers, bool) or not isinstance(max_peers, (int, np.integer)) or max_peers < 2:
+    if not _is_whole(max_peers) or max_peers < 2:
         raise ValueError(f"max_peers must be a whole number of at least 2, got {max_peers!r}")
-    if isinstance(max_moves, bool) or not isinstance(max_moves, (int, np.integer)) or max_moves not in (0, 1):
+    if not _is_whole(max_moves) or max_moves not in (0, 1):
         raise ValueError(f"max_moves must be 0 or 1 (a plan of several moves needs an order), got {max_moves!r}")
     ids = [p.peer_id for p in peers]
     if len(set(ids)) != len(ids):
@@ -362,8 +367,6 @@ def _repaired(kept: Sequence[PeerSpec], rest: Sequence[int], model: ModelSpec, p
     (:func:`partitioner.rebalance.milp_plan`, half of ``time_limit``'s share for each of ``count`` departures): the
     program's incumbent for that departure, so that the placement it returns is kept only if it is repaired
     better than the given one is."""
-    from .rebalance import milp_plan
-
     spec = [kept[i] for i in rest]
     start = {p.peer_id: placement[p.peer_id] for p in spec}
     if not max_moves:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from typing import Dict, List
@@ -35,6 +34,7 @@ from partitioner.resilience import resilient_placement
 from sims.bench_partitioner import IMPROVE_TIME, MILP_TIME, leavers, our_rebalance
 from sims.scale.sim import evaluate_swarm
 from sims.scale.swarmgen import make_swarm
+from swarm.cli import _number, _whole_number
 
 
 def one_swarm(size: int, index: int, seed: int, keeps: List[float], time_limit: float, improve_time: float,
@@ -91,46 +91,21 @@ def _keeps(text: str) -> List[float]:
     return keeps
 
 
-def _number(low: float, strict: bool):
-    """An argparse type: a finite number above ``low`` (``strict``) or at least ``low``."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not math.isfinite(value) or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {low:g}, got {text}")
-        return value
-    return parse
-
-
-def _whole(low: int):
-    """An argparse type: a whole number of at least ``low``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-    return parse
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", type=_whole(2), default=8, help="peers per swarm (default 8)")
-    ap.add_argument("--count", type=_whole(1), default=32, help="swarms (the benchmark's first ones; default 32)")
+    ap.add_argument("--size", type=_whole_number(2), default=8, help="peers per swarm (default 8)")
+    ap.add_argument("--count", type=_whole_number(1), default=32,
+                    help="swarms (the benchmark's first ones; default 32)")
     ap.add_argument("--seed", type=int, default=0, help="the benchmark's seed (default 0, as make bench-partitioner)")
     ap.add_argument("--keep", type=_keeps, default=[0.95, 0.9],
                     help="comma-separated shares of the bound the foreknowing placement must keep (default 0.95,0.9)")
-    ap.add_argument("--time", type=_number(0, True), default=120.0,
+    ap.add_argument("--time", type=_number(0, low_open=True), default=120.0,
                     help="seconds of solver time per foreknowing placement: its repair plan, then HiGHS (default 120)")
-    ap.add_argument("--improve-time", type=_number(0, False), default=IMPROVE_TIME,
+    ap.add_argument("--improve-time", type=_number(0), default=IMPROVE_TIME,
                     help=f"as in sims.bench_partitioner (default {IMPROVE_TIME:g})")
-    ap.add_argument("--milp-time", type=_number(0, False), default=MILP_TIME,
+    ap.add_argument("--milp-time", type=_number(0), default=MILP_TIME,
                     help=f"as in sims.bench_partitioner (default {MILP_TIME:g})")
-    ap.add_argument("--jobs", type=_whole(1), default=os.cpu_count() or 1,
+    ap.add_argument("--jobs", type=_whole_number(1), default=os.cpu_count() or 1,
                     help="processes (default: one per core)")
     ap.add_argument("--out", default="out", help="folder for resilience_ceiling.json (default out)")
     args = ap.parse_args(argv)
